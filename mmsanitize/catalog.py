@@ -1,0 +1,130 @@
+"""The catalog: one parquet row per sample, built once per dataset with the Dask engine.
+
+Columns: key, shard, position, caption, label, sha256 (of the image bytes), width, height,
+bytes (image size), image_ext. Per-shard parts live in a cache folder (`_catalog/` beside the
+shards when writable, else under `~/.cache/mmsanitize/`), each with a stats file holding the
+shard's fingerprint, so a rerun rebuilds only shards that changed or were never finished.
+Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import map_shards
+from .errors import ShardError
+from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, parse_sample,
+                     sha256, shard_stem, write_json_atomic, write_parquet_atomic)
+
+CATALOG_VERSION = 1
+COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext"]
+
+
+@dataclass(frozen=True)
+class CatalogTask:
+    """Catalog one shard `path` into `part_dir`."""
+
+    name: str
+    path: str
+    part_dir: str
+
+
+def catalog_dir(shard_paths: list[Path]) -> Path:
+    """Where a dataset's catalog parts live: `<shard folder>/_catalog`, or a user cache if read-only."""
+    root = shard_paths[0].parent.resolve()
+    local = root / "_catalog"
+    if os.access(root, os.W_OK) or local.exists() and os.access(local, os.W_OK):
+        return local
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "mmsanitize" / "catalogs" / digest
+
+
+def catalog_rows(path: str | os.PathLike) -> list[dict]:
+    """Read one shard fully and return its catalog rows (decodes every image once to check it)."""
+    shard = Path(path).name
+    rows = []
+    for position, raw in enumerate(iter_raw_samples(path)):
+        s = parse_sample(raw, shard)
+        w, h = image_size(s.image, shard, s.key)
+        label = None
+        if isinstance(s.meta, dict) and s.meta.get("label") is not None:
+            label = str(s.meta["label"])
+        rows.append({
+            "key": s.key, "shard": shard, "position": position, "caption": s.caption,
+            "label": label, "sha256": sha256(s.image), "width": w, "height": h,
+            "bytes": len(s.image), "image_ext": s.image_ext,
+        })
+    return rows
+
+
+def catalog_shard(task: CatalogTask) -> dict:
+    """Dask task: write `part_dir/NAME.parquet` then `NAME_stats.json` for one shard."""
+    import pandas as pd
+
+    rows = catalog_rows(task.path)
+    part_dir = Path(task.part_dir)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    write_parquet_atomic(df, part_dir / f"{task.name}.parquet")
+    stats = {"count": len(rows), "input": file_fingerprint(task.path), "version": CATALOG_VERSION}
+    write_json_atomic(part_dir / f"{task.name}_stats.json", stats)
+    return stats
+
+
+def _part_done(task: CatalogTask) -> dict | None:
+    stats_path = Path(task.part_dir) / f"{task.name}_stats.json"
+    try:
+        stats = json.loads(stats_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if stats.get("version") != CATALOG_VERSION or stats.get("input") != file_fingerprint(task.path):
+        return None
+    if not (Path(task.part_dir) / f"{task.name}.parquet").exists():
+        return None
+    return stats
+
+
+def build_catalog(
+    shards: str | os.PathLike | list,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Catalog a dataset and return it as a pandas DataFrame (rows in shard, then position order).
+
+    Finished shards are skipped (their fingerprint matches); the joined table is also written to
+    `<cache>/catalog.parquet`. Raises ShardError on bad samples and on a key that appears in two
+    shards, EngineError when shards fail.
+    """
+    import pandas as pd
+
+    paths = expand_shards(shards)
+    part_dir = Path(cache_dir) if cache_dir else catalog_dir(paths)
+    names = [shard_stem(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
+    tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
+    map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
+               retries=retries, desc="catalog")
+    parts = [pd.read_parquet(part_dir / f"{t.name}.parquet") for t in tasks]
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+    dup = df["key"].duplicated(keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
+        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
+    write_parquet_atomic(df, part_dir / "catalog.parquet")
+    return df
+
+
+def class_counts(df) -> "dict[str, int]":
+    """Samples per label (labels missing counted under '<none>'), largest first."""
+    counts = df["label"].fillna("<none>").value_counts()
+    return {str(k): int(v) for k, v in counts.items()}

@@ -1,0 +1,634 @@
+"""Shard I/O in img2dataset's webdataset layout: expand specs, read samples, write shards atomically.
+
+A shard is `NNNNN.tar` with members `KEY.jpg|png|webp|jpeg`, `KEY.txt`, `KEY.json`, next to
+`NNNNN.parquet` (one row per sample) and `NNNNN_stats.json`; a dataset folder also holds
+`sizes.json` (shard file name -> sample count) for open_clip's webdataset loader.
+
+The tar reader is a small strict parser (regular files, GNU long names and pax headers only) so
+that every member's byte range is known: rewriters copy untouched members as raw bytes.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+from .errors import ShardError, UsageError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+TEXT_EXT = "txt"
+META_EXT = "json"
+BLOCK = 512
+RECORD = 20 * BLOCK
+# Fixed tar header fields so the same samples always give byte-identical tars.
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
+TAR_MODE = 0o644
+
+
+# --------------------------------------------------------------------------- shard specs
+
+
+def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand a shard spec into an ordered list of existing `.tar` paths.
+
+    `spec` is a directory (its `*.tar`, sorted), a single `.tar`, a brace pattern
+    (`data/{00000..00009}.tar`), a glob, or a list of any of these.
+    Raises UsageError when nothing matches or a named shard does not exist.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        out: list[Path] = []
+        for item in spec:
+            out.extend(expand_shards(item))
+        return out
+    text = os.fspath(spec)
+    path = Path(text)
+    if "{" in text:
+        import braceexpand
+
+        paths = [Path(p) for p in braceexpand.braceexpand(text)]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(f"shard spec {text}: {len(missing)} shard(s) missing, first {missing[0]}")
+        return paths
+    if path.is_dir():
+        paths = sorted(path.glob("*.tar"))
+        if not paths:
+            raise UsageError(f"no .tar shards in directory {path}")
+        return paths
+    if any(c in text for c in "*?["):
+        paths = sorted(Path(p) for p in glob.glob(text) if p.endswith(".tar"))
+        if not paths:
+            raise UsageError(f"shard spec {text} matches no .tar file")
+        return paths
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise UsageError(f"{path} is not a .tar shard")
+        return [path]
+    raise UsageError(f"shard spec {text}: no such file or directory")
+
+
+def spec_root(spec: str | os.PathLike) -> Path:
+    """The folder a shard spec lives in (the directory itself, or the shards' parent)."""
+    paths = expand_shards(spec)
+    return paths[0].parent
+
+
+def shard_stem(path: str | os.PathLike) -> str:
+    """`/x/00003.tar` -> `00003`."""
+    name = Path(path).name
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """Name, size and mtime of a file: what resume compares to decide a shard is unchanged."""
+    st = os.stat(path)
+    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+# --------------------------------------------------------------------------- tar parsing
+
+
+@dataclass(frozen=True)
+class Member:
+    """One regular file of a tar: its name and byte ranges (`start` = first header block)."""
+
+    name: str
+    start: int
+    data_offset: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        """Offset just past the member's padded data."""
+        return self.data_offset + -(-self.size // BLOCK) * BLOCK
+
+
+def _nts(field_bytes: bytes) -> bytes:
+    return field_bytes.split(b"\0", 1)[0]
+
+
+def _octal(field_bytes: bytes) -> int:
+    if field_bytes[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes
+        n = int.from_bytes(field_bytes[1:], "big")
+        return -n if field_bytes[:1] == b"\xff" else n
+    text = _nts(field_bytes).strip(b" \0")
+    return int(text, 8) if text else 0
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out = {}
+    pos = 0
+    while pos < len(data):
+        m = re.match(rb"(\d+) ", data[pos:])
+        if not m:
+            break
+        length = int(m.group(1))
+        record = data[pos + m.end(): pos + length - 1]
+        k, _, v = record.partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Member, bytes | None]]:
+    """Yield `(Member, data)` for each regular file of a tar stream, in order.
+
+    Rejects, as ShardError: truncated archives, bad header checksums, symlinks/hard links/devices,
+    absolute names and names with `..`. Directory entries are skipped.
+    `with_data` is True (read every member), False (seek over data, yield None) or a predicate
+    on the member name saying which members to read.
+    """
+    pos = 0
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    header_start: int | None = None
+    read = fileobj.read
+    while True:
+        header = read(BLOCK)
+        if len(header) < BLOCK:
+            raise ShardError(shard, f"truncated tar (archive ends inside a header at byte {pos})")
+        if header == b"\0" * BLOCK:
+            return
+        chk = _octal(header[148:156])
+        if chk != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ShardError(shard, f"corrupt tar header at byte {pos} (checksum mismatch)")
+        if header_start is None:
+            header_start = pos
+        size = _octal(header[124:136])
+        typeflag = header[156:157]
+        name = _nts(header[0:100])
+        prefix = _nts(header[345:500]) if header[257:262] == b"ustar" else b""
+        data_offset = pos + BLOCK
+        padded = -(-size // BLOCK) * BLOCK
+        pos = data_offset + padded
+        if typeflag in (b"L", b"x", b"g"):
+            data = read(padded)
+            if len(data) < padded:
+                raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})")
+            if typeflag == b"L":
+                long_name = _nts(data[:size]).decode("utf-8", "replace")
+            elif typeflag == b"x":
+                pax = _parse_pax(data[:size])
+            continue
+        full = long_name or pax.get("path") or (
+            (prefix + b"/" + name) if prefix else name
+        ).decode("utf-8", "replace")
+        long_name, pax_now, pax = None, pax, {}
+        if "size" in pax_now:
+            size = int(pax_now["size"])
+            padded = -(-size // BLOCK) * BLOCK
+            pos = data_offset + padded
+        start, header_start = header_start, None
+        if typeflag in (b"1", b"2"):
+            raise ShardError(shard, "tar member is a link, not a regular file", key=full)
+        if typeflag == b"5":
+            continue
+        if typeflag not in (b"0", b"\0", b"7"):
+            raise ShardError(shard, f"tar member has unsupported type {typeflag!r}", key=full)
+        if full.startswith("/") or ".." in full.split("/"):
+            raise ShardError(shard, "tar member name escapes the shard directory", key=full)
+        member = Member(full, start, data_offset, size)
+        if with_data is True or (with_data is not False and with_data(full)):
+            data = read(padded)
+            if len(data) < padded:
+                raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})", key=full)
+            yield member, data[:size]
+        else:
+            fileobj.seek(pos)
+            if fileobj.tell() != pos or pos > _size(fileobj):
+                raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})", key=full)
+            yield member, None
+
+
+def _size(fileobj) -> int:
+    try:
+        return os.fstat(fileobj.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return 1 << 62
+
+
+def split_name(name: str, shard: str) -> tuple[str, str]:
+    """Split a member name into (key, extension) as webdataset does (at the first dot of the basename)."""
+    directory, _, base = name.rpartition("/")
+    if "." not in base:
+        raise ShardError(shard, "tar member has no extension", key=name)
+    key, ext = base.split(".", 1)
+    if "." in ext:
+        raise ShardError(shard, f"key contains a dot (member {name!r}); keys must not contain dots",
+                         key=(directory + "/" if directory else "") + base.rsplit(".", 1)[0])
+    if not key:
+        raise ShardError(shard, "tar member has an empty key", key=name)
+    return (directory + "/" + key if directory else key), ext.lower()
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class Sample:
+    """One image-text pair as stored in a shard."""
+
+    key: str
+    image: bytes
+    image_ext: str
+    caption: str
+    meta: dict | None = None
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class RawSample:
+    """A sample's members as raw bytes with their positions in the tar (for splicing)."""
+
+    key: str
+    members: list[tuple[Member, str, bytes | None]]  # (member, ext, data)
+
+    @property
+    def start(self) -> int:
+        return self.members[0][0].start
+
+    @property
+    def end(self) -> int:
+        return self.members[-1][0].end
+
+    def data(self, ext: str) -> bytes | None:
+        for _, e, d in self.members:
+            if e == ext:
+                return d
+        return None
+
+
+def iter_raw_samples(path: str | os.PathLike, with_data=True) -> Iterator[RawSample]:
+    """Group a shard's members by key (consecutive members sharing a key form one sample).
+
+    `with_data` as in `iter_tar` (True, False, or a predicate on member names).
+
+    Raises ShardError for a key that appears twice in the shard and for an empty shard.
+    """
+    shard = Path(path).name
+    seen: set[str] = set()
+    current: RawSample | None = None
+    count = 0
+    try:
+        fileobj = open(path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise ShardError(shard, f"cannot open: {e.strerror}") from None
+    with fileobj:
+        for member, data in iter_tar(fileobj, shard, with_data=with_data):
+            key, ext = split_name(member.name, shard)
+            if current is not None and key == current.key:
+                if any(e == ext for _, e, _ in current.members):
+                    raise ShardError(shard, f"member .{ext} appears twice", key=key)
+                current.members.append((member, ext, data))
+                continue
+            if current is not None:
+                yield current
+                count += 1
+            if key in seen:
+                raise ShardError(shard, "duplicate key in shard", key=key)
+            seen.add(key)
+            current = RawSample(key, [(member, ext, data)])
+        if current is not None:
+            yield current
+            count += 1
+    if count == 0:
+        raise ShardError(shard, "shard contains no samples")
+
+
+def parse_sample(raw: RawSample, shard: str) -> Sample:
+    """Check a raw sample's members and decode caption and metadata (the image stays encoded).
+
+    Raises ShardError when the image or caption is missing, the caption is not UTF-8 or is empty,
+    there is more than one image, or the json is not valid.
+    """
+    images = [(e, d) for _, e, d in raw.members if e in IMAGE_EXTS]
+    if not images:
+        raise ShardError(shard, "sample has no image (.jpg/.jpeg/.png/.webp)", key=raw.key)
+    if len(images) > 1:
+        raise ShardError(shard, f"sample has {len(images)} images", key=raw.key)
+    txt = raw.data(TEXT_EXT)
+    if txt is None:
+        raise ShardError(shard, "sample has no caption (.txt)", key=raw.key)
+    try:
+        caption = txt.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ShardError(shard, f"caption is not valid UTF-8 (byte {e.start})", key=raw.key) from None
+    if not caption.strip():
+        raise ShardError(shard, "sample has an empty caption", key=raw.key)
+    meta = None
+    js = raw.data(META_EXT)
+    if js is not None:
+        try:
+            meta = json.loads(js.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardError(shard, f"invalid json metadata ({e})", key=raw.key) from None
+    extras = {e: d for _, e, d in raw.members if e not in IMAGE_EXTS and e not in (TEXT_EXT, META_EXT)}
+    return Sample(raw.key, images[0][1], images[0][0], caption, meta, extras)
+
+
+def iter_samples(path: str | os.PathLike) -> Iterator[Sample]:
+    """Stream a shard's samples in order, validated (see `parse_sample`)."""
+    shard = Path(path).name
+    for raw in iter_raw_samples(path):
+        yield parse_sample(raw, shard)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """A deterministic tar header (GNU format, fixed mtime/uid/gid/mode) for a regular file."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.GNU_FORMAT, encoding="utf-8", errors="strict")
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """Header + data + padding for one regular file."""
+    pad = -len(data) % BLOCK
+    return tar_header(name, len(data)) + data + b"\0" * pad
+
+
+def sample_members(sample: Sample) -> bytes:
+    """Serialise a sample as tar members in the canonical order: image, txt, json, extras."""
+    parts = [tar_member(f"{sample.key}.{sample.image_ext}", sample.image),
+             tar_member(f"{sample.key}.txt", sample.caption.encode("utf-8"))]
+    if sample.meta is not None:
+        parts.append(tar_member(f"{sample.key}.json", json_bytes(sample.meta)))
+    for ext in sorted(sample.extras):
+        parts.append(tar_member(f"{sample.key}.{ext}", sample.extras[ext]))
+    return b"".join(parts)
+
+
+def json_bytes(obj) -> bytes:
+    """Canonical JSON encoding (sorted keys) used for every json we write."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def validate_key(key: str, shard: str = "<new>") -> None:
+    """Raise ShardError unless `key` is a usable webdataset key (non-empty, no dots, no slashes)."""
+    if not key or "." in key or "/" in key or key.strip() != key:
+        raise ShardError(shard, "invalid key (must be non-empty, without dots, slashes or spaces)", key=key)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write pretty, sorted JSON to `path` via a temporary file and rename."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def write_parquet_atomic(df, path: str | os.PathLike) -> None:
+    """Write a DataFrame to parquet deterministically (no pandas index) via temp file + rename."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Write one output shard `OUT/NAME.tar` (+ `.parquet`, `_stats.json`) atomically.
+
+    Use as a context manager; samples go in with `write(sample)` or, for splicing, as raw member
+    bytes with `write_raw(bytes, row)`. Everything is written under `.tmp` names and renamed on a
+    clean exit; on an exception the temporaries are removed and no output appears.
+    `stats_extra` is merged into the stats file (e.g. the input fingerprint used by resume).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, name: str, stats_extra: dict | None = None):
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.tar_path = self.out_dir / f"{name}.tar"
+        self.tmp_path = self.out_dir / f"{name}.tar.tmp"
+        self.stats_extra = stats_extra or {}
+        self.rows: list[dict] = []
+        self.keys: set[str] = set()
+        self._f: BinaryIO | None = None
+
+    def __enter__(self) -> "ShardWriter":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.tmp_path, "wb", buffering=1 << 20)
+        return self
+
+    def _row(self, key: str, caption: str, meta: dict | None) -> dict:
+        row = {k: v for k, v in (meta or {}).items() if not isinstance(v, (dict, list))}
+        row.update(key=key, caption=caption)
+        row.setdefault("status", "success")
+        return row
+
+    def write(self, sample: Sample) -> None:
+        """Append a sample (key validated, unique within the shard)."""
+        validate_key(sample.key, self.name + ".tar")
+        self.write_raw(sample_members(sample), sample.key, sample.caption, sample.meta)
+
+    def write_raw(self, blob: bytes | memoryview, key: str, caption: str, meta: dict | None) -> None:
+        """Append already-serialised tar members for one sample; `key/caption/meta` feed the parquet."""
+        if key in self.keys:
+            raise ShardError(self.name + ".tar", "duplicate key in output shard", key=key)
+        self.keys.add(key)
+        self._f.write(blob)
+        self.rows.append(self._row(key, caption, meta))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._f.close()
+            self.abort()
+            return
+        self.close()
+
+    def abort(self) -> None:
+        """Remove temporaries; nothing of this shard remains."""
+        for p in (self.tmp_path, self.out_dir / f"{self.name}.parquet.tmp"):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> dict:
+        """Finish the archive, write parquet then stats, rename into place; returns the stats."""
+        import pandas as pd
+
+        f = self._f
+        end = f.tell() + 2 * BLOCK
+        f.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+        f.close()
+        if not self.rows:
+            self.abort()
+            raise ShardError(self.name + ".tar", "refusing to write an empty shard")
+        df = pd.DataFrame(self.rows)
+        cols = ["key", "caption"] + [c for c in df.columns if c not in ("key", "caption")]
+        write_parquet_atomic(df[cols], self.out_dir / f"{self.name}.parquet")
+        os.replace(self.tmp_path, self.tar_path)
+        n = len(self.rows)
+        stats = {
+            "count": n,
+            "successes": n,
+            "failed_to_download": 0,
+            "failed_to_resize": 0,
+            "status_dict": {"success": n},
+            "bytes": self.tar_path.stat().st_size,
+            **self.stats_extra,
+        }
+        write_json_atomic(self.out_dir / f"{self.name}_stats.json", stats)
+        return stats
+
+
+def write_sizes(out_dir: str | os.PathLike) -> dict[str, int]:
+    """Write `sizes.json` (shard file name -> sample count) from the `_stats.json` files present."""
+    out_dir = Path(out_dir)
+    sizes = {}
+    for tar in sorted(out_dir.glob("*.tar")):
+        stats = out_dir / f"{shard_stem(tar)}_stats.json"
+        if stats.exists():
+            sizes[tar.name] = int(json.loads(stats.read_text())["count"])
+    write_json_atomic(out_dir / "sizes.json", sizes)
+    return sizes
+
+
+def read_stats(out_dir: str | os.PathLike, name: str) -> dict | None:
+    """The `_stats.json` of shard `name` in `out_dir`, or None when absent/unreadable."""
+    p = Path(out_dir) / f"{name}_stats.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of bytes (the image hash used in catalogs and manifests)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_size(data: bytes, shard: str, key: str) -> tuple[int, int]:
+    """Decode an image fully (cheaply for JPEG via draft mode) and return (width, height).
+
+    Raises ShardError when the bytes are not a decodable image or declare a decompression bomb.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+            return size
+    except Image.DecompressionBombError as e:
+        raise ShardError(shard, f"image is a decompression bomb ({e})", key=key) from None
+    except Exception as e:  # Pillow raises many types for bad data
+        raise ShardError(shard, f"undecodable image ({type(e).__name__}: {e})", key=key) from None
+
+
+def _text_members(name: str) -> bool:
+    return name.endswith((".txt", ".json"))
+
+
+def copy_range(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
+    """Copy bytes [start, end) of `src` to the current position of `dst` in large blocks."""
+    src.seek(start)
+    remaining = end - start
+    while remaining > 0:
+        chunk = src.read(min(remaining, 8 << 20))
+        if not chunk:
+            raise OSError("unexpected end of file while copying")
+        dst.write(chunk)
+        remaining -= len(chunk)
+
+
+def rewrite_shard(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    replace: dict[str, Sample] | None = None,
+    drop: Iterable[str] = (),
+    append: Iterable[Sample] = (),
+    stats_extra: dict | None = None,
+) -> dict:
+    """Write `out_dir/name.tar` as a copy of shard `src` with some samples changed, by splicing.
+
+    Untouched samples are copied as raw byte ranges (never decoded or re-encoded); a sample in
+    `replace` (by key) is rebuilt in place from the given Sample (its key may differ), keys in
+    `drop` are left out and `append` samples go at the end. Only `.txt`/`.json` members are read
+    (for the shard's parquet). The output is atomic (ShardWriter). Returns the stats dict.
+    Raises ShardError when a key to replace or drop is not in the shard.
+    """
+    replace = replace or {}
+    drop = set(drop)
+    shard = Path(src).name
+    found: set[str] = set()
+    with open(src, "rb") as fin, ShardWriter(out_dir, name, stats_extra) as w:
+        run_start = run_end = None
+        pending: list[tuple[str, str, dict | None]] = []
+
+        def flush():
+            nonlocal run_start, run_end
+            if run_start is not None:
+                copy_range(fin, w._f, run_start, run_end)
+                for key, caption, meta in pending:
+                    w.keys.add(key)
+                    w.rows.append(w._row(key, caption, meta))
+                pending.clear()
+                run_start = run_end = None
+
+        raws = iter_raw_samples(src, with_data=_text_members)
+        for raw in raws:
+            if raw.key in replace or raw.key in drop:
+                found.add(raw.key)
+                flush()
+                if raw.key in replace:
+                    w.write(replace[raw.key])
+                continue
+            if raw.key in w.keys:
+                raise ShardError(shard, "duplicate key in output shard", key=raw.key)
+            txt = raw.data(TEXT_EXT)
+            js = raw.data(META_EXT)
+            try:
+                caption = txt.decode("utf-8") if txt is not None else ""
+                meta = json.loads(js) if js is not None else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ShardError(shard, f"unreadable caption or json ({e})", key=raw.key) from None
+            if run_start is None:
+                run_start = raw.start
+            run_end = raw.end
+            pending.append((raw.key, caption, meta))
+        flush()
+        missing = (set(replace) | drop) - found
+        if missing:
+            raise ShardError(shard, "key to rewrite not found in shard", key=sorted(missing)[0])
+        for sample in append:
+            w.write(sample)
+    return read_stats(out_dir, name)
+
+
+def outputs_done(out_dir: str | os.PathLike, name: str, **expected) -> dict | None:
+    """Resume check: the stats of `out_dir/name` when the shard is complete and every field in
+    `expected` (e.g. `input=file_fingerprint(src)`, `spec=hash`) matches; otherwise None."""
+    stats = read_stats(out_dir, name)
+    if stats is None or not (Path(out_dir) / f"{name}.tar").exists():
+        return None
+    if any(stats.get(k) != v for k, v in expected.items()):
+        return None
+    return stats
