@@ -1,0 +1,200 @@
+"""Shard reader/writer: round trips with webdataset and img2dataset conventions, determinism, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pandas as pd
+import pytest
+
+from conftest import make_dataset, make_image
+from mmsanitize.cli import main
+from mmsanitize.errors import ShardError, UsageError
+from mmsanitize.shards import (Sample, ShardWriter, expand_shards, iter_raw_samples, iter_samples,
+                               rewrite_shard)
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_webdataset_and_img2dataset_layout(tiny_dataset):
+    import webdataset as wds
+
+    tars = expand_shards(tiny_dataset)
+    assert [t.name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
+    ours = {s.key: s for t in tars for s in iter_samples(t)}
+    theirs = {}
+    for t in tars:
+        for d in wds.WebDataset(str(t), shardshuffle=False):
+            theirs[d["__key__"]] = d
+    assert set(ours) == set(theirs) and len(ours) == 36
+    for key, s in ours.items():
+        assert theirs[key]["jpg"] == s.image
+        assert theirs[key]["txt"].decode() == s.caption
+        assert json.loads(theirs[key]["json"]) == s.meta
+    # img2dataset's conventions: parquet with the same keys in order, stats file, sizes.json
+    for t in tars:
+        stem = t.name[:-4]
+        pq = pd.read_parquet(tiny_dataset / f"{stem}.parquet")
+        assert list(pq["key"]) == [s.key for s in iter_samples(t)]
+        assert set(pq["status"]) == {"success"}
+        stats = json.loads((tiny_dataset / f"{stem}_stats.json").read_text())
+        assert stats["count"] == stats["successes"] == len(pq)
+    sizes = json.loads((tiny_dataset / "sizes.json").read_text())
+    assert sizes == {"00000.tar": 12, "00001.tar": 12, "00002.tar": 12}
+    # tarfile agrees on member names (plain, flat, regular files)
+    with tarfile.open(tars[0]) as tf:
+        assert all(m.isfile() and "/" not in m.name for m in tf.getmembers())
+
+
+def test_writer_is_deterministic(tmp_path):
+    a = make_dataset(tmp_path / "a", n_shards=2, per_shard=5)
+    b = make_dataset(tmp_path / "b", n_shards=2, per_shard=5)
+    for x, y in zip(a, b):
+        assert digest(x) == digest(y)
+        assert digest(x.with_suffix(".parquet")) == digest(y.with_suffix(".parquet"))
+    with tarfile.open(a[0]) as tf:
+        m = tf.getmembers()[0]
+        assert (m.mtime, m.uid, m.gid, m.uname, m.mode) == (946684800, 0, 0, "", 0o644)
+
+
+def test_identity_splice_is_byte_identical_and_edits_apply(tiny_dataset, tmp_path):
+    src = tiny_dataset / "00001.tar"
+    rewrite_shard(src, tmp_path / "same", "00001")
+    assert digest(src) == digest(tmp_path / "same" / "00001.tar")
+    new = Sample("000010003", make_image("boat", 500), "jpg", "a replaced caption", {"label": "boat"})
+    extra = Sample("x99", make_image("cat", 501), "png", "appended", None)
+    rewrite_shard(src, tmp_path / "edit", "00001", replace={"000010003": new}, drop={"000010007"}, append=[extra])
+    got = {s.key: s for s in iter_samples(tmp_path / "edit" / "00001.tar")}
+    orig = {s.key: s for s in iter_samples(src)}
+    assert "000010007" not in got and got["x99"].caption == "appended"
+    assert got["000010003"].image == new.image and got["000010003"].caption == "a replaced caption"
+    for k in set(orig) - {"000010003", "000010007"}:
+        assert got[k].image == orig[k].image and got[k].caption == orig[k].caption
+    pq = pd.read_parquet(tmp_path / "edit" / "00001.parquet")
+    assert list(pq["key"]) == list(got)
+    with pytest.raises(ShardError, match="not found"):
+        rewrite_shard(src, tmp_path / "bad", "00001", drop={"nope"})
+    assert not (tmp_path / "bad" / "00001.tar").exists()
+    assert not list((tmp_path / "bad").glob("*.tmp"))
+
+
+def test_expand_shards_specs(tiny_dataset):
+    assert len(expand_shards(tiny_dataset)) == 3
+    assert len(expand_shards(str(tiny_dataset / "{00000..00001}.tar"))) == 2
+    assert len(expand_shards(str(tiny_dataset / "00002.tar"))) == 1
+    assert len(expand_shards(str(tiny_dataset / "*.tar"))) == 3
+    with pytest.raises(UsageError, match="missing"):
+        expand_shards(str(tiny_dataset / "{00000..00005}.tar"))
+    with pytest.raises(UsageError, match="no such"):
+        expand_shards(str(tiny_dataset / "nope"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def add(tf: tarfile.TarFile, name: str, data: bytes, kind=tarfile.REGTYPE, linkname: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    info.linkname = linkname
+    tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def good(tf, key, caption=b"a photo of a dog"):
+    add(tf, f"{key}.jpg", make_image("dog", 1))
+    add(tf, f"{key}.txt", caption)
+
+
+def build_bad(tmp_path, case: str):
+    """A dataset folder with one good shard and one shard broken as `case`; returns (dir, bad shard, key)."""
+    d = tmp_path / case
+    d.mkdir()
+    with tarfile.open(d / "00000.tar", "w") as tf:
+        good(tf, "000000000")
+        good(tf, "000000001")
+    bad = d / "00001.tar"
+    key = "000010001"
+    if case == "truncated":
+        with tarfile.open(bad, "w") as tf:
+            good(tf, "000010000")
+            good(tf, key)
+        data = bad.read_bytes()
+        bad.write_bytes(data[:1700])
+        key = None
+    elif case == "empty":
+        with tarfile.open(bad, "w"):
+            pass
+        key = None
+    else:
+        with tarfile.open(bad, "w") as tf:
+            good(tf, "000010000")
+            if case == "undecodable":
+                add(tf, f"{key}.jpg", b"\xff\xd8\xff\xe0 this is not really a jpeg" * 10)
+                add(tf, f"{key}.txt", b"a photo of a cat")
+            elif case == "no-caption":
+                add(tf, f"{key}.jpg", make_image("cat", 2))
+            elif case == "non-utf8":
+                add(tf, f"{key}.jpg", make_image("cat", 2))
+                add(tf, f"{key}.txt", b"caf\xe9 au lait")
+            elif case == "dotted-key":
+                key = "0000.10001"
+                add(tf, "0000.10001.jpg", make_image("cat", 2))
+                add(tf, "0000.10001.txt", b"a cat")
+            elif case == "duplicate-across":
+                key = "000000001"
+                good(tf, key)
+            elif case == "escape":
+                key = "../x"
+                add(tf, "../x.jpg", make_image("cat", 2))
+                add(tf, "../x.txt", b"a cat")
+            elif case == "symlink":
+                key = "000010001.jpg"
+                add(tf, key, b"", kind=tarfile.SYMTYPE, linkname="/etc/passwd")
+                add(tf, "000010001.txt", b"a cat")
+    return d, bad.name, key
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("truncated", "truncated"),
+    ("undecodable", "undecodable image"),
+    ("no-caption", "no caption"),
+    ("non-utf8", "not valid UTF-8"),
+    ("dotted-key", "contains a dot"),
+    ("duplicate-across", "duplicate key across shards"),
+    ("empty", "no samples"),
+    ("escape", "escapes"),
+    ("symlink", "link"),
+])
+def test_bad_input_one_line_error_and_no_output(tmp_path, capsys, dask_address, case, reason):
+    d, shard, key = build_bad(tmp_path, case)
+    with pytest.raises(SystemExit) as exc:
+        main(["catalog", str(d), "--scheduler", dask_address])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert reason in err
+    assert f"shard {shard}" in err
+    if key is not None:
+        assert f"key {key}" in err
+    assert not (d / "_catalog" / "catalog.parquet").exists()
+    assert not list(d.rglob("*.tmp"))
+
+
+def test_iter_raw_samples_reports_offsets(tiny_dataset):
+    raws = list(iter_raw_samples(tiny_dataset / "00000.tar", with_data=False))
+    assert raws[0].start == 0
+    assert all(a.end == b.start for a, b in zip(raws, raws[1:]))
+    assert all(d is None for r in raws for _, _, d in r.members)
+
+
+def test_writer_aborts_cleanly(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, "00000") as w:
+            w.write(Sample("k1", make_image("dog", 1), "jpg", "a dog", None))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
