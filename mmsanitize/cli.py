@@ -99,9 +99,318 @@ def catalog(shards, scheduler, workers):
 
 
 # ----------------------------------------------------------------------------- datasets / ingest
+
+
+@cli.group()
+def datasets():
+    """Build the embedded real datasets (openclipart, fashion-mnist) or a local folder into shards."""
+
+
+@datasets.command("build")
+@click.argument("name", type=click.Choice(["openclipart", "fashion-mnist", "folder"]))
+@click.argument("out")
+@click.option("--splits", default="ref=0.4,train=0.4,test=0.2", show_default=True,
+              help="Named splits and fractions; a sample's split is a hash of its source id.")
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
+@click.option("--image-size", type=int, default=None,
+              help="Longest side of stored images (default: openclipart 128, fashion-mnist 64, folder 256).")
+@click.option("--source", default=None, metavar="DIR", help="Input folder (default: the Debian package's).")
+@click.option("--limit", type=int, default=None, help="Keep a seeded subset of N samples overall.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and subset hashes.")
+@dask_options
+def datasets_build(name, out, splits, shard_size, image_size, source, limit, seed, scheduler, workers):
+    """Build dataset NAME into OUT/<split>/ shards, sizes.json and OUT/build_report.json.
+
+    Example: mmsanitize datasets build openclipart data/oca/
+    """
+    from .datasets import build_dataset
+
+    report = build_dataset(name, out, splits=splits, shard_size=shard_size, image_size=image_size,
+                           source=source, limit=limit, seed=seed, scheduler=scheduler, workers=workers)
+    splits_ = list(report["counts"])
+    classes = sorted({c for s in splits_ for c in report["counts"][s]},
+                     key=lambda c: (-sum(report["counts"][s].get(c, 0) for s in splits_), c))
+    rows = [{"class": c, **{s: report["counts"][s].get(c, 0) for s in splits_}} for c in classes]
+    rows.append({"class": "TOTAL", **report["samples"]})
+    print_table(rows, ["class"] + splits_)
+    click.echo(f"skipped {len(report['skipped'])} file(s); filtered {sum(report['filtered'].values())}; "
+               f"report in {out}/build_report.json")
+    for s in report["skipped"][:10]:
+        click.echo(f"skipped: {s['source']}: {s['reason']}")
+
+
+@cli.command()
+@click.argument("urls")
+@click.argument("out")
+@click.option("--image-size", type=int, default=256, show_default=True)
+@click.option("--resize-mode", default="border", show_default=True,
+              type=click.Choice(["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]))
+@click.option("--processes", type=int, default=2, show_default=True, help="img2dataset download processes.")
+@click.option("--caption-col", default="caption", show_default=True)
+@click.option("--url-col", default="url", show_default=True)
+@click.option("--shard-size", type=int, default=10000, show_default=True)
+def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, shard_size):
+    """Download a URL list (csv/tsv/parquet/txt) into webdataset shards with img2dataset.
+
+    Example: mmsanitize ingest urls.parquet data/web/ --image-size 256
+    """
+    from .ingest import ingest as run_ingest
+
+    summary = run_ingest(urls, out, image_size=image_size, resize_mode=resize_mode, processes=processes,
+                         caption_col=caption_col, url_col=url_col, shard_size=shard_size)
+    print_table([{"shard": k, **v} for k, v in summary["shards"].items()])
+    click.echo(f"{summary['successes']} of {summary['attempted']} downloaded; {len(summary['failures'])} failed")
+    for f in summary["failures"][:20]:
+        click.echo(f"failed: {f['url']}: {f['error']}")
 # ----------------------------------------------------------------------------- poison
+
+@cli.command()
+@click.argument("shards")
+@click.option("--attack", required=True,
+              type=click.Choice(["single-image", "single-label", "multi-label", "patch", "blended", "label-consistent"]),
+              help="Attack I (single-image), II (single-label), III (multi-label) or a backdoor.")
+@click.option("--goal", "goals", multiple=True, metavar="A2B", help="Goal such as dog2boat (repeatable for multi-label).")
+@click.option("--source", default=None, help="Class A (whose captions are used); alternative to --goal.")
+@click.option("--target", default=None, help="Class B (whose images are used / the backdoor's target class).")
+@click.option("--target-key", default=None, help="single-image: key of the target image (default: a random class-B image).")
+@click.option("--source-fraction", type=float, default=None, help="Fraction of class-A samples to poison (paper's knob; default 1.0).")
+@click.option("--count", type=int, default=None, help="Poisoned samples per goal.")
+@click.option("--rate", type=float, default=None, help="Poisoned pairs over the whole output dataset, in (0, 1].")
+@click.option("--mode", type=click.Choice(["replace", "inject"]), default="replace", show_default=True,
+              help="replace: chosen samples carry the new pair (size unchanged); inject: new pairs appended with new keys.")
+@click.option("--label-from", default="field", show_default=True,
+              help="Who is class A/B: field (json label), keywords[:VOCAB_FILE], or column:NAME.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trigger-size", type=int, default=16, show_default=True, help="Backdoor patch size in px.")
+@click.option("--trigger-position", default="bottom-right", show_default=True,
+              help="Patch position: bottom-right, bottom-left, top-right, top-left, center or random.")
+@click.option("--trigger-pattern", default="checkerboard", show_default=True, help="Patch pattern: checkerboard or noise.")
+@click.option("--opacity", type=float, default=0.1, show_default=True, help="Blended backdoor: weight of the noise pattern.")
+@click.option("--caption-only", is_flag=True, hidden=True)
+@click.option("--out", required=True, help="Output directory for the poisoned shards, manifest.parquet and poison.json.")
+@click.option("--overwrite", is_flag=True, help="Redo every shard even when a previous run finished it.")
+@dask_options
+def poison(shards, attack, goals, source, target, target_key, source_fraction, count, rate, mode, label_from,
+           seed, trigger_size, trigger_position, trigger_pattern, opacity, caption_only, out, overwrite,
+           scheduler, workers):
+    """Write a poisoned copy of a dataset (shards + manifest.parquet + poison.json).
+
+    Example: mmsanitize poison data/oca/train/ --attack single-label --goal dog2boat --seed 0 --out runs/p/
+    """
+    from .poison import poison_dataset
+
+    res = poison_dataset(shards, out=out, attack=attack, goals=list(goals), source=source, target=target,
+                         target_key=target_key, source_fraction=source_fraction, count=count, rate=rate,
+                         mode=mode, label_from=label_from, seed=seed, trigger_size=trigger_size,
+                         trigger_position=trigger_position, trigger_pattern=trigger_pattern, opacity=opacity,
+                         caption_only=caption_only, scheduler=scheduler, workers=workers, overwrite=overwrite)
+    print_table([{"goal": g["goal"], "poisoned samples": g["poisoned"], "rate": f"{g['rate']:.4%}"}
+                 for g in res["goals"]])
+    c = res["counts"]
+    click.echo(f"{c['poisoned']:,} of {c['samples_out']:,} samples poisoned (rate {res['rate']:.4%}, mode {res['mode']})")
+    click.echo(f"shards: {out}  manifest: {out}/manifest.parquet  spec: {out}/poison.json")
+
+
 # ----------------------------------------------------------------------------- models / train / evaluate
+
+
+def train_options(f):
+    """Options shared by train, align and defend finetune."""
+    for opt in reversed([
+        click.option("--epochs", type=int, default=10, show_default=True),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--lr", type=float, default=None,
+                     help="Peak learning rate (default 1e-5, the paper's; 1e-3 when only projections train)."),
+        click.option("--min-lr", type=float, default=None, help="Cosine floor (default lr/10)."),
+        click.option("--wd", "weight_decay", type=float, default=0.2, show_default=True),
+        click.option("--warmup", type=int, default=None, help="Warm-up steps (default 10%% of steps, at most 100)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda (AMP on cuda)."),
+        click.option("--resume", is_flag=True, help="Continue after the last finished epoch in --out."),
+        click.option("--eval", "eval_test", default=None, metavar="TEST", help="Evaluate on these shards each epoch."),
+        click.option("--manifest", default=None, help="Poison manifest for per-epoch attack metrics."),
+        click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (the schedule is unchanged; --resume continues)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _print_train(result):
+    for h in result["history"]:
+        line = f"epoch {h['epoch']}: loss {h['loss']:.4f}  {h['samples_per_s']:,.0f} samples/s"
+        u = (h.get("eval") or {}).get("utility")
+        if u:
+            line += f"  t2i R@10 {u['t2i_r@10']:.3f}  i2t R@10 {u['i2t_r@10']:.3f}"
+        click.echo(line)
+    click.echo(f"checkpoint: {result['out']}")
+
+
+@cli.command("train")
+@click.argument("shards")
+@click.option("--model", default="tiny", show_default=True,
+              help="open_clip:NAME[/PRETRAINED], offline-b0-minilm, tiny, or a checkpoint dir.")
+@click.option("--init", default=None, help="Start from this checkpoint directory (overrides --model).")
+@click.option("--lock", type=click.Choice(["image", "text", "backbones"]), default=None,
+              help="Freeze a whole tower (embeddings and projection included) or all but the projections.")
+@click.option("--out", required=True, help="Output directory (checkpoints, history.jsonl).")
+@train_options
+def train_cmd(shards, model, init, lock, out, **kw):
+    """Contrastive (InfoNCE) fine-tuning on shards; one checkpoint per epoch.
+
+    Example: mmsanitize train runs/p/ --init runs/ref/ --lock backbones --epochs 10 --out runs/p-model/
+    """
+    from .train import train
+
+    _print_train(train(shards, out=out, model=model, init=init, lock=lock, **kw))
+
+
+@cli.command("align")
+@click.argument("shards")
+@click.option("--out", required=True, help="Output checkpoint directory (the reference model).")
+@click.option("--dim", type=int, default=256, show_default=True, help="Shared embedding dimension.")
+@click.option("--image-size", type=int, default=96, show_default=True)
+@train_options
+def align_cmd(shards, out, dim, image_size, lr, **kw):
+    """Train the projections of offline-b0-minilm on clean shards (backbones frozen, features cached).
+
+    Example: mmsanitize align data/oca/ref/ --out runs/ref/
+    """
+    from .train import align
+
+    _print_train(align(shards, out=out, dim=dim, image_size=image_size, lr=lr or 1e-3, **kw))
+
+
+@cli.group("defend")
+def defend():
+    """Post-training defenses."""
+
+
+@defend.command("finetune")
+@click.argument("poisoned_ckpt")
+@click.option("--clean", required=True, help="Clean shards to keep fine-tuning on.")
+@click.option("--lock", type=click.Choice(["image", "text", "backbones"]), default=None)
+@click.option("--out", required=True)
+@train_options
+def defend_finetune_cmd(poisoned_ckpt, clean, lock, out, **kw):
+    """Sterilising fine-tune (paper 5.2): train the poisoned checkpoint further on clean data.
+
+    Example: mmsanitize defend finetune runs/p-model/ --clean data/fm/train/ --epochs 2 --eval data/oca/test/ --manifest runs/p/manifest.parquet --out runs/p-def/
+    """
+    from .train import defend_finetune
+
+    _print_train(defend_finetune(poisoned_ckpt, clean=clean, out=out, lock=lock, **kw))
+
+
+@cli.command("evaluate")
+@click.argument("checkpoint")
+@click.option("--test", required=True, help="Test shards.")
+@click.option("--manifest", default=None, help="Poison manifest.parquet: adds attack success per goal.")
+@click.option("--out", default=None, help="Write metrics.json here.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-caption baseline.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate_cmd(checkpoint, test, manifest, out, device, seed, as_json):
+    """Retrieval Recall@K and attack MinRank / Hit@K of a checkpoint on test shards.
+
+    Example: mmsanitize evaluate runs/p-model/ --test data/oca/test/ --manifest runs/p/manifest.parquet --out metrics.json
+    """
+    from .evaluate import evaluate, metrics_rows
+
+    result = evaluate(checkpoint, test=test, manifest=manifest, out=out, device=device, seed=seed)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    u = result["utility"]
+    click.echo(f"{result['model']}: {u['images']} test images, {u['captions']} captions "
+               f"(chance R@10 {u['chance_r@10']:.3f})")
+    rows = metrics_rows(result)
+    print_table(rows, list(dict.fromkeys(c for r in rows for c in r)))
+    for goal, r in (result.get("attacks") or {}).items():
+        if r.get("error"):
+            click.echo(f"{goal}: {r['error']}")
+        elif r.get("target_in_gallery") is False:
+            click.echo(f"{goal}: target image not in the test gallery; it was embedded and added to it")
+    if out:
+        click.echo(f"wrote {out}")
+
+
 # ----------------------------------------------------------------------------- embed / scan / sanitize
+
+
+@cli.command()
+@click.argument("shards")
+@click.option("--model", required=True, help="Encoder: tiny, offline-b0-minilm, open_clip:NAME[/PRETRAINED] or a checkpoint dir.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (clip-retrieval layout).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Recompute shards that are already done.")
+@dask_options
+def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
+    """Embed image-text pairs into img_emb/, text_emb/, metadata/ (float16, L2-normalised).
+
+    Example: mmsanitize embed runs/p/ --model runs/ref/ --out runs/p-emb/
+    """
+    from .embed import embed as run
+
+    s = run(shards, model=model, out=out, batch_size=batch_size, overwrite=overwrite,
+            scheduler=scheduler, workers=workers)
+    click.echo(f"{s['samples']:,} samples in {s['shards']} shard(s) embedded with {s['model']} "
+               f"({len(s['skipped'])} already done) -> {out}")
+
+
+@cli.command()
+@click.argument("shards")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Scan output folder.")
+@click.option("--threshold", default=None, metavar="T|auto",
+              help="Flag pairs with image-text cosine below T (in [-1, 1]); 'auto' fits a 2-component mixture.")
+@click.option("--flag-fraction", type=float, default=None, help="Flag the worst fraction by combined score.")
+@click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
+@click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: report precision/recall/AUROC.")
+@click.option("--detectors", default="similarity,image_reuse,caption_neighbours,density", show_default=True)
+@click.option("--combine", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
+@click.option("--reuse-min", type=int, default=10, show_default=True,
+              help="Flag images shared with at least this many other captions (0 = off).")
+@click.option("-k", "--neighbours", "k", type=int, default=10, show_default=True)
+@click.option("--index", "index_kind", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@dask_options
+def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, detectors, combine, reuse_min, k,
+         index_kind, seed, overwrite, scheduler, workers):
+    """Score every pair with the detectors and flag suspicious ones.
+
+    Example: mmsanitize scan runs/p/ --model runs/ref/ --threshold auto --manifest runs/p/manifest.parquet --out runs/p-scan/
+    """
+    from .scan import scan as run
+
+    s = run(shards, out=out, threshold=threshold, flag_fraction=flag_fraction, embeddings=embeddings, model=model,
+            manifest=manifest, detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
+            combine=combine, reuse_min=reuse_min, k=k, index_kind=index_kind, seed=seed, overwrite=overwrite,
+            scheduler=scheduler, workers=workers)
+    thr = s["thresholds"].get("similarity")
+    click.echo(f"flagged {s['flagged']:,} of {s['samples']:,} pairs ({s['fraction_flagged']:.2%})"
+               + (f"; cosine threshold {thr:.4f}" if thr is not None else "") + f" -> {out}")
+    det = s.get("detection")
+    if det:
+        print_table([{"detector": name, **{m: v for m, v in det[name].items()}}
+                     for name in [*s["detectors"], "combined"]])
+
+
+@cli.command()
+@click.argument("shards")
+@click.option("--scan", "scan_dir", required=True, type=click.Path(file_okay=False), help="Folder written by mmsanitize scan.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the cleaned shards.")
+@dask_options
+def sanitize(shards, scan_dir, out, scheduler, workers):
+    """Copy the shards without the pairs a scan flagged (raw bytes, resumable) + removed.parquet.
+
+    Example: mmsanitize sanitize runs/p/ --scan runs/p-scan/ --out runs/p-clean/
+    """
+    from .sanitize import sanitize as run
+
+    s = run(shards, scan=scan_dir, out=out, scheduler=scheduler, workers=workers)
+    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs in {s['shards']} shard(s) -> {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
