@@ -137,54 +137,80 @@ def _parse_pax(data: bytes) -> dict[str, str]:
     return out
 
 
+class _ChunkReader:
+    """Sequential byte ranges of a file served from large buffered chunks (few syscalls, few copies)."""
+
+    def __init__(self, fileobj: BinaryIO, chunk: int = 16 << 20):
+        self.f = fileobj
+        self.chunk = chunk
+        self.buf = b""
+        self.base = 0  # file offset of buf[0]
+
+    def get(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file (shorter at end of file); `start` never goes backwards."""
+        off = start - self.base
+        if end - self.base > len(self.buf):
+            if off >= len(self.buf):
+                self.f.seek(start)
+                keep = b""
+            else:
+                keep = self.buf[off:]
+            more = self.f.read(max(self.chunk, end - start - len(keep)))
+            self.buf = keep + more if keep else more
+            self.base, off = start, 0
+        return self.buf[off: off + end - start]
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+
+
 def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Member, bytes | None]]:
     """Yield `(Member, data)` for each regular file of a tar stream, in order.
 
     Rejects, as ShardError: truncated archives, bad header checksums, symlinks/hard links/devices,
     absolute names and names with `..`. Directory entries are skipped.
-    `with_data` is True (read every member), False (seek over data, yield None) or a predicate
+    `with_data` is True (read every member), False (skip data, yield None) or a predicate
     on the member name saying which members to read.
     """
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
     header_start: int | None = None
-    read = fileobj.read
+    get = _ChunkReader(fileobj).get
     while True:
-        header = read(BLOCK)
+        header = get(pos, pos + BLOCK)
         if len(header) < BLOCK:
             raise ShardError(shard, f"truncated tar (archive ends inside a header at byte {pos})")
-        if header == b"\0" * BLOCK:
+        if header == _ZERO_BLOCK:
             return
-        chk = _octal(header[148:156])
-        if chk != sum(header[:148]) + 256 + sum(header[156:]):
+        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
             raise ShardError(shard, f"corrupt tar header at byte {pos} (checksum mismatch)")
         if header_start is None:
             header_start = pos
         size = _octal(header[124:136])
         typeflag = header[156:157]
-        name = _nts(header[0:100])
-        prefix = _nts(header[345:500]) if header[257:262] == b"ustar" else b""
+        name = header[:100].split(b"\0", 1)[0]
+        if header[345] and header[257:262] == b"ustar":
+            name = _nts(header[345:500]) + b"/" + name
         data_offset = pos + BLOCK
-        padded = -(-size // BLOCK) * BLOCK
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         pos = data_offset + padded
         if typeflag in (b"L", b"x", b"g"):
-            data = read(padded)
-            if len(data) < padded:
+            data = get(data_offset, data_offset + size)
+            if len(data) < size:
                 raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})")
             if typeflag == b"L":
-                long_name = _nts(data[:size]).decode("utf-8", "replace")
+                long_name = _nts(data).decode("utf-8", "replace")
             elif typeflag == b"x":
-                pax = _parse_pax(data[:size])
+                pax = _parse_pax(data)
             continue
-        full = long_name or pax.get("path") or (
-            (prefix + b"/" + name) if prefix else name
-        ).decode("utf-8", "replace")
-        long_name, pax_now, pax = None, pax, {}
-        if "size" in pax_now:
-            size = int(pax_now["size"])
-            padded = -(-size // BLOCK) * BLOCK
-            pos = data_offset + padded
+        full = long_name or pax.get("path") or name.decode("utf-8", "replace")
+        if pax:
+            if "size" in pax:
+                size = int(pax["size"])
+                pos = data_offset + ((size + BLOCK - 1) & ~(BLOCK - 1))
+            pax = {}
+        long_name = None
         start, header_start = header_start, None
         if typeflag in (b"1", b"2"):
             raise ShardError(shard, "tar member is a link, not a regular file", key=full)
@@ -192,26 +218,16 @@ def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Me
             continue
         if typeflag not in (b"0", b"\0", b"7"):
             raise ShardError(shard, f"tar member has unsupported type {typeflag!r}", key=full)
-        if full.startswith("/") or ".." in full.split("/"):
+        if full[0] == "/" or ".." in full.split("/"):
             raise ShardError(shard, "tar member name escapes the shard directory", key=full)
         member = Member(full, start, data_offset, size)
         if with_data is True or (with_data is not False and with_data(full)):
-            data = read(padded)
-            if len(data) < padded:
+            data = get(data_offset, data_offset + size)
+            if len(data) < size:
                 raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})", key=full)
-            yield member, data[:size]
+            yield member, data
         else:
-            fileobj.seek(pos)
-            if fileobj.tell() != pos or pos > _size(fileobj):
-                raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})", key=full)
             yield member, None
-
-
-def _size(fileobj) -> int:
-    try:
-        return os.fstat(fileobj.fileno()).st_size
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return 1 << 62
 
 
 def split_name(name: str, shard: str) -> tuple[str, str]:
@@ -277,7 +293,7 @@ def iter_raw_samples(path: str | os.PathLike, with_data=True) -> Iterator[RawSam
     current: RawSample | None = None
     count = 0
     try:
-        fileobj = open(path, "rb", buffering=1 << 20)
+        fileobj = open(path, "rb")
     except OSError as e:
         raise ShardError(shard, f"cannot open: {e.strerror}") from None
     with fileobj:
