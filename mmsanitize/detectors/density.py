@@ -1,0 +1,43 @@
+"""Local-density outlier score of a pair in a (possibly poisoned) model's embedding space.
+
+After Huang et al. (ICLR 2025): poisoned pairs sit in abnormal local neighbourhoods. The pair is
+represented by its joint vector [image, text]/√2 (cosine = mean of image and text cosines); its
+k-distance is 1 − the cosine of its k-th nearest neighbour, and the score is a simplified LOF:
+k-distance of the pair divided by the mean k-distance of its neighbours (> 1 = sparser than its
+surroundings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """The pair's joint unit vector [image, text]/√2 (float32, (N, 2D))."""
+    return (np.concatenate([np.asarray(img, np.float32), np.asarray(txt, np.float32)], 1)
+            / np.float32(np.sqrt(2.0)))
+
+
+def score(vectors: np.ndarray, *, index, k: int = 10, block: int = 1024) -> np.ndarray:
+    """Simplified LOF over `vectors` (the rows indexed by `index`), float32 (N,).
+
+    Returns kdist(i) / mean(kdist(j) for j in kNN(i)), with kdist = 1 − cos of the k-th neighbour.
+    """
+    n = len(vectors)
+    k = max(1, min(k, n - 1))
+    kdist = np.zeros(n, dtype=np.float32)
+    neigh = np.zeros((n, k), dtype=np.int64)
+    for a in range(0, n, block):
+        q = np.asarray(vectors[a:a + block], np.float32)
+        sims, ids = index.knn(q, k + 1)
+        rows = np.arange(a, a + len(q))[:, None]
+        is_self = ids == rows
+        # remove self if present, else drop the last column
+        order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(ids, order, 1)
+        sims = np.take_along_axis(sims, order, 1)
+        ids = np.where(ids < 0, rows, ids)
+        neigh[a:a + len(q)] = ids
+        kdist[a:a + len(q)] = np.maximum(1.0 - sims[:, -1], 0.0)
+    eps = np.float32(1e-6)
+    return ((kdist + eps) / (kdist[neigh].mean(axis=1) + eps)).astype(np.float32)

@@ -1,0 +1,189 @@
+"""Evaluate an encoder on test shards: retrieval utility and, with a poison manifest, attack success.
+
+Utility: text→image / image→text Recall@1/5/10, images grouped by sha256.
+Attack (per goal of the manifest, paper §4): queries = every test caption labelled A, gallery =
+every test image; targets = test images labelled B (Attack II/III) or the single target image x*
+(Attack I, goal `A2one`). MinRank is 0-based (mean, median, min, max) and Hit@K for K in
+{1, 5, 10, 20, 50}; the same for as many random test captions (seeded baseline); and the
+image→text direction (targets as queries, class-A captions as their targets).
+
+Attack I target: the image of the manifest's poisoned samples (read from the poisoned shard next
+to the manifest). If an identical image (same sha256) is in the test gallery it is the target;
+otherwise it is embedded and ADDED to the gallery as one extra item, and the result says
+`target_in_gallery: false`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .metrics import HIT_KS, min_ranks, normalize, rank_summary, retrieval_recall
+from .shards import iter_samples, sha256, write_json_atomic
+
+
+def embed_split(model, test, *, batch_size: int = 64, workers: int = 0):
+    """Embed every pair of `test` shards; return (meta dict of lists, image emb (N,D), text emb (N,D)), L2-normalised numpy."""
+    import torch
+
+    from .train import backbone_features, iter_batches
+
+    model.eval()
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        if getattr(model, "family", "") == "offline":
+            meta, fi, ft = backbone_features(model, test, batch_size=batch_size, workers=workers)
+            img = model.image_proj(fi.to(dev)).float().cpu().numpy()
+            txt = model.text_proj(ft.to(dev)).float().cpu().numpy()
+            return meta, normalize(img), normalize(txt)
+        meta = {k: [] for k in ("key", "shard", "sha256", "label", "caption")}
+        imgs, txts = [], []
+        for batch in iter_batches(test, model.preprocess, batch_size=batch_size, workers=workers):
+            for k in meta:
+                meta[k].extend(batch[k])
+            toks = model.tokenize(batch["caption"])
+            toks = {k: v.to(dev) for k, v in toks.items()} if isinstance(toks, dict) else toks.to(dev)
+            imgs.append(model.encode_image(batch["image"].to(dev)).float().cpu().numpy())
+            txts.append(model.encode_text(toks).float().cpu().numpy())
+    return meta, normalize(np.concatenate(imgs)), normalize(np.concatenate(txts))
+
+
+def _embed_images(model, images: list[bytes]) -> np.ndarray:
+    import io
+
+    import torch
+    from PIL import Image
+
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        x = torch.stack([model.preprocess(Image.open(io.BytesIO(b))) for b in images]).to(dev)
+        return normalize(model.encode_image(x).float().cpu().numpy())
+
+
+def _goal_classes(goal: str, rows) -> tuple[str, str]:
+    if "source_label" in rows and "target_label" in rows:
+        return str(rows["source_label"].iloc[0]), str(rows["target_label"].iloc[0])
+    if "2" not in goal:
+        raise UsageError(f"manifest goal {goal!r} is not of the form A2B or A2one")
+    a, b = goal.split("2", 1)
+    return a, b
+
+
+def _target_image_bytes(manifest_path: Path, rows) -> bytes:
+    """The image every poisoned sample of an Attack I goal carries (read from the poisoned shard)."""
+    row = rows.iloc[0]
+    shard = manifest_path.parent / str(row["shard"])
+    if not shard.is_file():
+        raise UsageError(f"manifest {manifest_path}: poisoned shard {shard} not found (needed for the "
+                         f"Attack I target image)")
+    for s in iter_samples(shard):
+        if s.key == row["key"]:
+            return s.image
+    raise UsageError(f"manifest {manifest_path}: key {row['key']} not in {shard}")
+
+
+def attack_metrics(model, meta, img, txt, manifest, *, seed: int = 0) -> dict:
+    """Per-goal attack success (see module doc) given the test split's embeddings; returns {goal: {...}}."""
+    import pandas as pd
+
+    manifest_path = Path(manifest)
+    if not manifest_path.is_file():
+        raise UsageError(f"manifest {manifest} does not exist")
+    mf = pd.read_parquet(manifest_path)
+    for col in ("goal", "key", "shard"):
+        if col not in mf.columns:
+            raise UsageError(f"manifest {manifest} has no column {col!r}")
+    labels = np.array([lb if lb is not None else "" for lb in meta["label"]], dtype=object)
+    uniq, first = np.unique(np.asarray(meta["sha256"]), return_index=True)
+    first = np.sort(first)
+    gallery, gallery_labels = img[first], labels[first]
+    gallery_sha = np.asarray(meta["sha256"])[first]
+    results = {}
+    for goal, rows in mf.groupby("goal", sort=True):
+        a, b = _goal_classes(str(goal), rows)
+        single = b == "one" or ("attack" in rows and str(rows["attack"].iloc[0]) == "single-image")
+        res: dict = {"source_class": a, "attack": str(rows["attack"].iloc[0]) if "attack" in rows else None,
+                     "poisoned_samples": int(len(rows))}
+        g, groups = gallery, np.zeros(len(gallery), dtype=np.int64)
+        if single:
+            target_bytes = None
+            if "sha256" in rows and rows["sha256"].notna().all():
+                digest = str(rows["sha256"].iloc[0])
+            else:
+                target_bytes = _target_image_bytes(manifest_path, rows)
+                digest = sha256(target_bytes)
+            res["target_sha256"] = digest
+            hit = np.flatnonzero(gallery_sha == digest)
+            res["target_in_gallery"] = bool(len(hit))
+            if len(hit):
+                groups[hit] = 1
+            else:
+                target_bytes = target_bytes or _target_image_bytes(manifest_path, rows)
+                g = np.concatenate([gallery, _embed_images(model, [target_bytes])])
+                groups = np.concatenate([groups, [1]])
+        else:
+            res["target_class"] = b
+            groups[gallery_labels == b] = 1
+            res["target_images"] = int(groups.sum())
+        query_idx = np.flatnonzero(labels == a)
+        res["class_a_captions"] = int(len(query_idx))
+        if len(query_idx) == 0 or groups.sum() == 0:
+            res["error"] = f"no test captions of class {a!r}" if len(query_idx) == 0 else f"no test images of class {b!r}"
+            results[str(goal)] = res
+            continue
+        ranks = min_ranks(txt[query_idx], g, np.ones(len(query_idx), np.int64), groups)
+        res["t2i"] = rank_summary(ranks, HIT_KS)
+        rng = np.random.default_rng(seed)
+        rand_idx = rng.choice(len(txt), size=min(len(query_idx), len(txt)), replace=False)
+        res["baseline_random_t2i"] = rank_summary(
+            min_ranks(txt[rand_idx], g, np.ones(len(rand_idx), np.int64), groups), HIT_KS)
+        # image->text: do the target images retrieve class-A captions?
+        targets = g[groups == 1]
+        cap_groups = (labels == a).astype(np.int64)
+        res["i2t"] = rank_summary(min_ranks(targets, txt, np.ones(len(targets), np.int64), cap_groups), HIT_KS)
+        results[str(goal)] = res
+    return results
+
+
+def evaluate_model(model, *, test, manifest: str | None = None, workers: int = 0, seed: int = 0) -> dict:
+    """Utility (and attack, with `manifest`) metrics of a loaded model on test shards; returns a dict."""
+    meta, img, txt = embed_split(model, test, workers=workers)
+    out = {"model": model.name, "checkpoint_sha256": model.checkpoint_sha256, "test_pairs": len(txt),
+           "utility": retrieval_recall(img, txt, meta["sha256"])}
+    out["utility"]["chance_r@10"] = min(1.0, 10 / max(1, out["utility"]["images"]))
+    if manifest:
+        out["attacks"] = attack_metrics(model, meta, img, txt, manifest, seed=seed)
+    return out
+
+
+def evaluate(checkpoint: str, *, test, manifest: str | None = None, out: str | os.PathLike | None = None,
+             device: str = "cpu", workers: int = 0, seed: int = 0) -> dict:
+    """Load `checkpoint` (dir or model spec), evaluate on `test` shards, write `out` (metrics.json) if given."""
+    from .models import load_model
+
+    model = load_model(checkpoint, device=device)
+    result = evaluate_model(model, test=test, manifest=manifest, workers=workers, seed=seed)
+    result["checkpoint"] = str(checkpoint)
+    result["test"] = str(test)
+    result["manifest"] = str(manifest) if manifest else None
+    if out:
+        write_json_atomic(out, result)
+    return result
+
+
+def metrics_rows(result: dict) -> list[dict]:
+    """Flatten an evaluate() result into table rows (what, direction, metric values)."""
+    u = result["utility"]
+    rows = [{"what": "utility", "dir": d, "R@1": u[f"{d}_r@1"], "R@5": u[f"{d}_r@5"], "R@10": u[f"{d}_r@10"]}
+            for d in ("t2i", "i2t")]
+    for goal, r in (result.get("attacks") or {}).items():
+        for name in ("t2i", "baseline_random_t2i", "i2t"):
+            s = r.get(name)
+            if not s:
+                continue
+            rows.append({"what": goal, "dir": name, "queries": s["queries"], "MinRank": s["min_rank_mean"],
+                         **{f"Hit@{k}": s[f"hit@{k}"] for k in HIT_KS}})
+    return rows

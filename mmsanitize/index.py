@@ -1,0 +1,243 @@
+"""Nearest-neighbour search over L2-normalised embeddings (inner product = cosine).
+
+`build_index` picks the kind by size: exact below `EXACT_MAX` vectors, IVF with nlist ≈ 4·√N
+above it, HNSW on request. Exact search runs on one of two backends (`MMSANITIZE_EXACT` =
+`faiss` | `numpy`, default faiss): faiss-cpu's bundled OpenBLAS can run in a generic core mode
+that makes IndexFlatIP ~5x slower than numpy's BLAS; on the development machine it did not
+(faiss 82-98 GFLOP/s vs numpy matmul + torch.topk ~50), so faiss is the default and the numpy
+path (blockwise matmul + torch.topk) is the fallback; benchmarks/bench_scan.py measures both.
+The backend is fixed, not picked per run, so tie order (hence outputs) never changes between
+runs. IVF/HNSW use FAISS, on the GPU when faiss-gpu and CUDA are present. Indexes save as FAISS files (`image.index`, `text.index`)
+with `ids.parquet` (row -> key, shard) beside them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+EXACT_MAX = 200_000
+KINDS = ("auto", "exact", "ivf", "hnsw")
+QUERY_BLOCK = 1024
+BASE_BLOCK = 65536
+
+
+def _as_f32(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def exact_knn(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`k` inner products of each query against `base` by blockwise matmul.
+
+    Returns (sims, ids), each (len(queries), k), best first; ids are -1 where base has < k rows.
+    Deterministic for a given input (torch.topk on CPU).
+    """
+    import torch
+
+    base, queries = _as_f32(base), _as_f32(queries)
+    n, m = len(base), len(queries)
+    kk = min(k, n)
+    out_s = np.full((m, k), -np.inf, dtype=np.float32)
+    out_i = np.full((m, k), -1, dtype=np.int64)
+    for q0 in range(0, m, QUERY_BLOCK):
+        q = queries[q0:q0 + QUERY_BLOCK]
+        best_s = torch.full((len(q), 0), -float("inf"))
+        best_i = torch.zeros((len(q), 0), dtype=torch.int64)
+        for b0 in range(0, n, BASE_BLOCK):
+            s = torch.from_numpy(q @ base[b0:b0 + BASE_BLOCK].T)  # numpy BLAS; torch.topk beats argpartition ~10x
+            v, i = torch.topk(s, min(kk, s.shape[1]), dim=1)
+            cand_s = torch.cat([best_s, v], 1)
+            cand_i = torch.cat([best_i, i + b0], 1)
+            v, j = torch.topk(cand_s, min(kk, cand_s.shape[1]), dim=1)
+            best_s, best_i = v, torch.gather(cand_i, 1, j)
+        out_s[q0:q0 + len(q), :kk] = best_s.numpy()
+        out_i[q0:q0 + len(q), :kk] = best_i.numpy()
+    return out_s, out_i
+
+
+def exact_range(base: np.ndarray, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All base rows with inner product ≥ `radius` for each query, by blockwise matmul.
+
+    Returns FAISS-style (lims, sims, ids): the results of query i are `[lims[i], lims[i+1])`,
+    ids ascending within a query.
+    """
+    base, queries = _as_f32(base), _as_f32(queries)
+    sims_parts, ids_parts, counts = [], [], np.zeros(len(queries), dtype=np.int64)
+    for q0 in range(0, len(queries), QUERY_BLOCK):
+        s = queries[q0:q0 + QUERY_BLOCK] @ base.T
+        rows, cols = np.nonzero(s >= radius)
+        counts[q0:q0 + len(s)] = np.bincount(rows, minlength=len(s))
+        sims_parts.append(s[rows, cols])
+        ids_parts.append(cols.astype(np.int64))
+    lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    sims = np.concatenate(sims_parts) if sims_parts else np.zeros(0, np.float32)
+    ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+    return lims, sims.astype(np.float32), ids
+
+
+def exact_backend() -> str:
+    """The exact-search backend: `MMSANITIZE_EXACT` (faiss | numpy), default faiss."""
+    b = os.environ.get("MMSANITIZE_EXACT", "faiss")
+    if b not in ("faiss", "numpy"):
+        raise UsageError(f"MMSANITIZE_EXACT={b!r}: use faiss or numpy")
+    return b
+
+
+def _gpu_available() -> bool:
+    try:
+        import faiss
+        return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    except Exception:
+        return False
+
+
+class Index:
+    """A searchable set of normalised vectors: `knn(queries, k)` and `range_search(queries, r)`.
+
+    `kind` is "exact" (numpy matmul over `vectors`), "ivf" or "hnsw" (a FAISS index in `faiss_index`).
+    """
+
+    def __init__(self, kind: str, vectors: np.ndarray, faiss_index=None, nprobe: int = 1):
+        self.kind = kind
+        self.vectors = vectors
+        self.faiss_index = faiss_index
+        self.nprobe = nprobe
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the `k` nearest base rows of each query, best first (id -1 = none)."""
+        queries = _as_f32(queries)
+        if self.kind == "exact" and exact_backend() == "numpy":
+            return exact_knn(self.vectors, queries, k)
+        if self.faiss_index is None:
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+            self.faiss_index = faiss.IndexFlatIP(self.vectors.shape[1])
+            self.faiss_index.add(self.vectors)
+        s, i = self.faiss_index.search(queries, k)
+        return s, i.astype(np.int64)
+
+    def range_search(self, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lims, sims, ids) of every base row with cosine ≥ `radius` per query (FAISS layout)."""
+        queries = _as_f32(queries)
+        if self.kind in ("exact", "hnsw"):
+            # HNSW has no range search; exact is the honest answer (and what dedup needs).
+            return exact_range(self.vectors, queries, radius)
+        lims, sims, ids = self.faiss_index.range_search(queries, float(radius))
+        lims = lims.astype(np.int64)
+        # faiss returns ids per query in probe order; sort them for determinism.
+        for q in range(len(queries)):
+            a, b = lims[q], lims[q + 1]
+            if b - a > 1:
+                order = np.argsort(ids[a:b], kind="stable")
+                ids[a:b], sims[a:b] = ids[a:b][order], sims[a:b][order]
+        return lims, sims, ids.astype(np.int64)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index as one FAISS file (exact indexes as IndexFlatIP) via temp + rename."""
+        import faiss
+
+        path = Path(path)
+        idx = self.faiss_index
+        if idx is None:
+            idx = faiss.IndexFlatIP(self.vectors.shape[1])
+            idx.add(self.vectors)
+        elif type(idx).__name__.startswith("Gpu"):
+            idx = faiss.index_gpu_to_cpu(idx)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(idx, str(tmp))
+        os.replace(tmp, path)
+
+
+def choose_kind(n: int, kind: str = "auto") -> str:
+    """The index kind for `n` vectors: `kind` itself unless "auto" (exact ≤ EXACT_MAX, else IVF)."""
+    if kind not in KINDS:
+        raise UsageError(f"unknown index kind {kind!r} (choose from {', '.join(KINDS)})")
+    if kind != "auto":
+        return kind
+    return "exact" if n <= EXACT_MAX else "ivf"
+
+
+def build_index(
+    vectors: np.ndarray,
+    *,
+    kind: str = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    seed: int = 0,
+    gpu: bool | None = None,
+) -> Index:
+    """Build an Index over L2-normalised `vectors` (N, D).
+
+    `kind`: "auto" (by size), "exact", "ivf" (nlist ≈ 4·√N, trained on a seeded sample of at
+    most 40·nlist vectors; `nprobe` default max(8, nlist/128)) or "hnsw" (M=`hnsw_m`,
+    efSearch 128). `gpu=None` uses a GPU when faiss-gpu and CUDA are present.
+    """
+    vectors = _as_f32(vectors)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise UsageError(f"cannot index an array of shape {vectors.shape}")
+    n, d = vectors.shape
+    kind = choose_kind(n, kind)
+    if kind == "exact":
+        return Index("exact", vectors)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    if kind == "hnsw":
+        idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efSearch = 128
+        idx.add(vectors)
+        return Index("hnsw", vectors, idx)
+    nlist = nlist or max(1, min(int(round(4 * math.sqrt(n))), n // 39 or 1))
+    nprobe = nprobe or max(8, nlist // 128)
+    quantizer = faiss.IndexFlatIP(d)
+    idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    idx.cp.seed = seed
+    idx.cp.niter = 10
+    rng = np.random.default_rng(seed)
+    n_train = min(n, 40 * nlist)
+    train = vectors if n_train == n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
+    if gpu or (gpu is None and _gpu_available()):
+        res = faiss.StandardGpuResources()
+        idx = faiss.index_cpu_to_gpu(res, 0, idx)
+    idx.train(train)
+    idx.add(vectors)
+    idx.nprobe = nprobe
+    return Index("ivf", vectors, idx, nprobe)
+
+
+def load_index(path: str | os.PathLike, nprobe: int | None = None) -> Index:
+    """Load an index saved by `Index.save` (flat indexes come back as "exact")."""
+    import faiss
+
+    idx = faiss.read_index(str(path))
+    vectors = idx.reconstruct_n(0, idx.ntotal) if not isinstance(idx, faiss.IndexIVF) else None
+    if isinstance(idx, faiss.IndexFlat):
+        return Index("exact", _as_f32(vectors))
+    if isinstance(idx, faiss.IndexIVF):
+        idx.make_direct_map()
+        vectors = idx.reconstruct_n(0, idx.ntotal)
+        if nprobe:
+            idx.nprobe = nprobe
+        return Index("ivf", _as_f32(vectors), idx, idx.nprobe)
+    return Index("hnsw", _as_f32(vectors), idx)
+
+
+def save_indexes(out_dir: str | os.PathLike, image: Index, text: Index, ids) -> None:
+    """Write `image.index`, `text.index` and `ids.parquet` (row -> key, shard) into `out_dir`."""
+    from .shards import write_parquet_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    image.save(out / "image.index")
+    text.save(out / "text.index")
+    write_parquet_atomic(ids.reset_index(drop=True)[["key", "shard"]], out / "ids.parquet")

@@ -1,0 +1,97 @@
+"""Shards minus flagged pairs: copy every kept sample as raw bytes, log what was removed.
+
+Reads `SCAN/scores.parquet`, drops its flagged keys shard by shard with `rewrite_shard` (one Dask
+task per shard, resumable: a shard whose stats match the input fingerprint and the dropped set
+is skipped), then writes `sizes.json` and `removed.parquet` (key, shard, combined, reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import map_shards
+from .errors import UsageError
+from .shards import (expand_shards, file_fingerprint, outputs_done, rewrite_shard, shard_stem,
+                     write_json_atomic, write_parquet_atomic, write_sizes)
+
+
+@dataclass(frozen=True)
+class SanitizeTask:
+    """Copy shard `path` to `out/NAME.tar` without the keys in `drop`."""
+
+    name: str
+    path: str
+    out: str
+    drop: tuple[str, ...]
+    drop_hash: str
+
+
+def _drop_hash(keys) -> str:
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def sanitize_shard(task: SanitizeTask) -> dict:
+    """Dask task: write the cleaned shard; returns its stats (count = samples kept)."""
+    extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash}
+    return rewrite_shard(task.path, task.out, task.name, drop=task.drop, stats_extra=extra)
+
+
+def _done(task: SanitizeTask):
+    return outputs_done(task.out, task.name, input=file_fingerprint(task.path), drop_hash=task.drop_hash)
+
+
+def sanitize(
+    shards: str | os.PathLike | list,
+    *,
+    scan: str | os.PathLike,
+    out: str | os.PathLike,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 1,
+) -> dict:
+    """Write the shards without the keys `scan` flagged into `out`; returns
+    {"kept", "removed", "shards", "skipped", "seconds"}.
+
+    Raises UsageError when the scan does not cover these shards, when the output would be the
+    input folder, or when a shard would lose every sample (nothing sensible to write).
+    """
+    import pandas as pd
+
+    paths = expand_shards(shards)
+    out = Path(out)
+    if out.resolve() == paths[0].parent.resolve():
+        raise UsageError("--out must differ from the input folder")
+    scores_path = Path(scan) / "scores.parquet"
+    if not scores_path.exists():
+        raise UsageError(f"{scan} is not a scan folder (no scores.parquet)")
+    scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+    names = {shard_stem(p): p for p in paths}
+    scanned = set(scores["shard"])
+    missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
+    if missing:
+        raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
+    flagged = scores[scores["flagged"]]
+    flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
+    by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
+    totals = scores.groupby("shard").size().to_dict()
+    for shard, keys in by_shard.items():
+        if len(keys) == totals.get(shard):
+            raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for n, p in names.items():
+        drop = by_shard.get(f"{n}.tar", ())
+        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop)))
+    res = map_shards(sanitize_shard, tasks, is_done=_done, scheduler=scheduler, workers=workers,
+                     retries=retries, desc="sanitize")
+    write_sizes(out)
+    removed = flagged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
+    write_parquet_atomic(removed[["key", "shard", "combined", "reason"]], out / "removed.parquet")
+    kept = sum(int(r["count"]) for r in res.results.values())
+    summary = {"kept": kept, "removed": int(len(removed)), "shards": len(tasks), "skipped": res.skipped,
+               "seconds": res.seconds, "scan": str(scan)}
+    write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
+    return summary

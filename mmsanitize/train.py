@@ -1,0 +1,447 @@
+"""Contrastive fine-tuning on shards (symmetric InfoNCE), `align`, and the post-training defense.
+
+Recipe defaults follow the paper for open_clip models (AdamW lr 1e-5, wd 0.2, cosine to lr/10,
+10 epochs, batch 128). For `offline-b0-minilm` with frozen backbones only two linear projections
+train, so the default lr is 1e-3. With `lock="backbones"` on the offline model, backbone features
+are computed once (cached in memory and on disk under `~/.cache/mmsanitize/features`, keyed by
+image/caption sha256 + backbone config) and epochs run on the cached features.
+
+Output directory: `model.safetensors` + `model.json` (latest), `epochs/NNN/` (one checkpoint per
+epoch), `train_state.pt` (optimizer/schedule/RNG, plain tensors only), `history.jsonl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShardError, UsageError
+from .shards import expand_shards, iter_samples, sha256
+
+LOCKS = (None, "image", "text", "backbones")
+_FEATURE_MEMO: dict = {}
+
+
+# --------------------------------------------------------------------------- reading pairs
+
+
+def _label(meta) -> str | None:
+    if isinstance(meta, dict) and meta.get("label") is not None:
+        return str(meta["label"])
+    return None
+
+
+def _pairs_dataset(paths: list[str], preprocess, *, train: bool, seed: int, epoch: int,
+                   shuffle_buffer: int, skip_images: frozenset = frozenset()):
+    """An IterableDataset of dicts (key, shard, sha256, label, caption, image tensor or None).
+
+    Shards are split across DataLoader workers; with `shuffle_buffer` > 0 shard order and a
+    buffer of samples are shuffled with seeds derived from (seed, epoch, worker).
+    """
+    import torch
+    from PIL import Image
+
+    class Pairs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info else (0, 1)
+            order = list(paths)
+            if shuffle_buffer:
+                np.random.default_rng([seed, epoch]).shuffle(order)
+            rng = np.random.default_rng([seed, epoch, wid, 1])
+            buf = []
+            for path in order[wid::nw]:
+                shard = Path(path).name
+                for s in iter_samples(path):
+                    digest = sha256(s.image)
+                    img = None
+                    if digest not in skip_images:
+                        try:
+                            with Image.open(io.BytesIO(s.image)) as im:
+                                img = preprocess(im, train=train)
+                        except Exception as e:  # noqa: BLE001 - any decoder failure is bad data
+                            raise ShardError(shard, f"cannot decode image ({e})", key=s.key) from None
+                    item = {"key": s.key, "shard": shard, "sha256": digest, "label": _label(s.meta),
+                            "caption": s.caption, "image": img}
+                    if not shuffle_buffer:
+                        yield item
+                        continue
+                    buf.append(item)
+                    if len(buf) >= shuffle_buffer:
+                        yield buf.pop(int(rng.integers(len(buf))))
+            while buf:
+                yield buf.pop(int(rng.integers(len(buf))))
+
+    return Pairs()
+
+
+def _collate(items):
+    import torch
+
+    out = {k: [it[k] for it in items] for k in ("key", "shard", "sha256", "label", "caption")}
+    imgs = [it["image"] for it in items]
+    out["image"] = torch.stack(imgs) if imgs and all(i is not None for i in imgs) else imgs
+    return out
+
+
+def iter_batches(shards, preprocess, *, batch_size: int, train: bool = False, seed: int = 0, epoch: int = 0,
+                 shuffle_buffer: int = 0, workers: int = 0, skip_images: frozenset = frozenset()):
+    """Yield collated batches (dict of lists; `image` a stacked tensor) from shards via a DataLoader."""
+    import torch
+
+    paths = [str(p) for p in expand_shards(shards)]
+    ds = _pairs_dataset(paths, preprocess, train=train, seed=seed, epoch=epoch,
+                        shuffle_buffer=shuffle_buffer, skip_images=skip_images)
+    workers = min(workers, len(paths))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
+                                         persistent_workers=False)
+    yield from loader
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+class FeatureCache:
+    """sha256 -> backbone feature vector, persisted as one .npz per backbone configuration."""
+
+    def __init__(self, ident: str, directory: str | os.PathLike | None = None):
+        base = Path(directory or os.environ.get("MMSANITIZE_FEATURE_CACHE")
+                    or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmsanitize" / "features")
+        self.path = base / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".npz")
+        self.data: dict[str, np.ndarray] = {}
+        self.dirty = False
+        if self.path.is_file():
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    self.data = dict(zip(z["keys"].tolist(), z["feats"]))
+            except (OSError, ValueError, KeyError):
+                self.data = {}
+
+    def add(self, keys, feats) -> None:
+        for k, f in zip(keys, feats):
+            self.data[k] = f
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty or not self.data:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp.npz")
+        keys = list(self.data)
+        np.savez(tmp, keys=np.array(keys), feats=np.stack([self.data[k] for k in keys]).astype(np.float32))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def backbone_features(model, shards, *, batch_size: int = 64, workers: int = 0, cache_dir=None,
+                      use_disk_cache: bool = True):
+    """Frozen-backbone features of every pair in shard order, using the feature cache.
+
+    Works for offline models (`image_features`/`text_features`). Returns (meta dict of lists,
+    image features (N, 1280) float32 tensor, text features (N, 384) float32 tensor).
+    """
+    import torch
+
+    from .shards import file_fingerprint
+
+    cfg = model.config
+    ident = f"{model.family}|{cfg.get('image_backbone')}|{cfg.get('image_size')}"
+    tident = f"{model.family}|{cfg.get('text_backbone')}|{cfg.get('max_tokens')}"
+    memo_key = (ident, tident, tuple((str(p), json.dumps(file_fingerprint(p), sort_keys=True))
+                                     for p in expand_shards(shards)))
+    if memo_key in _FEATURE_MEMO:  # e.g. the per-epoch evaluation of the same test split
+        return _FEATURE_MEMO[memo_key]
+    icache = FeatureCache("img|" + ident, cache_dir) if use_disk_cache else FeatureCache.__new__(FeatureCache)
+    tcache = FeatureCache("txt|" + tident, cache_dir) if use_disk_cache else FeatureCache.__new__(FeatureCache)
+    if not use_disk_cache:
+        for c in (icache, tcache):
+            c.data, c.dirty, c.path = {}, False, None
+    meta = {k: [] for k in ("key", "shard", "sha256", "label", "caption")}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in iter_batches(shards, model.preprocess, batch_size=batch_size, workers=workers,
+                                  skip_images=frozenset(icache.data)):
+            for k in meta:
+                meta[k].extend(batch[k])
+            todo = [i for i, d in enumerate(batch["sha256"]) if d not in icache.data]
+            if todo:
+                imgs = torch.stack([batch["image"][i] for i in todo]) if isinstance(batch["image"], list) \
+                    else batch["image"][todo]
+                feats = model.image_features(imgs.to(_device(model))).float().cpu().numpy()
+                icache.add([batch["sha256"][i] for i in todo], feats)
+            tkeys = [sha256(c.encode("utf-8")) for c in batch["caption"]]
+            ttodo = [i for i, d in enumerate(tkeys) if d not in tcache.data]
+            if ttodo:
+                toks = model.tokenize([batch["caption"][i] for i in ttodo])
+                toks = {k: v.to(_device(model)) for k, v in toks.items()}
+                tcache.add([tkeys[i] for i in ttodo], model.text_features(toks).float().cpu().numpy())
+    model.train(was_training)
+    if use_disk_cache:
+        icache.save()
+        tcache.save()
+    img = torch.from_numpy(np.stack([icache.data[d] for d in meta["sha256"]]))
+    txt = torch.from_numpy(np.stack([tcache.data[sha256(c.encode("utf-8"))] for c in meta["caption"]]))
+    _FEATURE_MEMO.clear()  # keep one split in memory at a time
+    _FEATURE_MEMO[memo_key] = (meta, img, txt)
+    return meta, img, txt
+
+
+def _device(model) -> str:
+    return next(model.parameters()).device.type
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _apply_lock(model, lock: str | None) -> None:
+    """Freeze parameters for `lock` (image/text tower incl. embeddings+projection, or backbones)."""
+    if lock not in LOCKS:
+        raise UsageError(f"--lock must be one of image, text, backbones (got {lock!r})")
+    for n, p in model.named_parameters():
+        if lock in ("image", "text"):
+            p.requires_grad_(not n.startswith(model.tower_prefixes(lock)))
+        elif lock == "backbones":
+            p.requires_grad_(n in model.projection_names())
+        else:
+            p.requires_grad_(True)
+    if hasattr(model, "backbones_trained") and lock != "backbones":
+        model.backbones_trained = True
+
+
+def _set_train_mode(model) -> None:
+    """Train mode, except modules whose parameters are all frozen (keeps BatchNorm stats fixed)."""
+    model.train()
+    for m in model.modules():
+        params = list(m.parameters(recurse=True))
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+def _lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    import torch
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim == 1 or n.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _count_samples(paths) -> int | None:
+    total = 0
+    for p in paths:
+        sizes = Path(p).parent / "sizes.json"
+        try:
+            total += int(json.loads(sizes.read_text())[Path(p).name])
+        except (OSError, KeyError, ValueError):
+            return None
+    return total
+
+
+def train(
+    shards,
+    *,
+    out: str | os.PathLike,
+    model: str = "tiny",
+    init: str | None = None,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float | None = None,
+    min_lr: float | None = None,
+    weight_decay: float = 0.2,
+    warmup: int | None = None,
+    lock: str | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    device: str = "cpu",
+    resume: bool = False,
+    eval_test: str | None = None,
+    manifest: str | None = None,
+    shuffle_buffer: int = 1000,
+    max_steps: int | None = None,
+    progress: bool | None = None,
+    model_options: dict | None = None,
+) -> dict:
+    """Fine-tune an encoder contrastively on shards; return {"epochs", "steps", "loss", "history", "out"}.
+
+    `init` (a checkpoint dir or model spec) is the starting point, else a fresh `model`. `lock`
+    freezes the image or text tower, or all but the projections ("backbones"). Writes one
+    checkpoint per epoch under `out/epochs/`, the latest in `out/`, `history.jsonl` (loss, lr,
+    samples/s and, with `eval_test`, evaluation metrics per epoch). `resume` continues after the
+    last finished epoch. Raises UsageError / ShardError on bad input.
+    """
+    import torch
+    from open_clip.loss import ClipLoss
+    from tqdm import tqdm
+
+    from .models import load_model, save_checkpoint
+
+    out = Path(out)
+    if epochs < 1 or batch_size < 2:
+        raise UsageError("need epochs >= 1 and batch size >= 2")
+    paths = [str(p) for p in expand_shards(shards)]
+    state_path = out / "train_state.pt"
+    start_epoch, step = 0, 0
+    history: list[dict] = []
+    source = init or model
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        source = str(out)
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        hist = out / "history.jsonl"
+        if hist.is_file():
+            history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()][:start_epoch]
+    else:
+        state = None
+    torch.manual_seed(seed)
+    net = load_model(source, device=device, **(model_options or {}))
+    _apply_lock(net, lock)
+    cached = lock == "backbones" and net.family == "offline"
+    if lr is None:
+        lr = 1e-3 if cached or (lock == "backbones") else 1e-5
+    min_lr = lr / 10 if min_lr is None else min_lr
+    spec = {"shards": [str(p) for p in paths], "init": init, "model": model if not init else None,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "min_lr": min_lr,
+            "weight_decay": weight_decay, "lock": lock, "seed": seed}
+
+    if cached:
+        meta, img_feats, txt_feats = backbone_features(net, paths, workers=workers)
+        n = len(img_feats)
+    else:
+        n = _count_samples(paths)
+    if n is not None and n < 2:
+        raise UsageError(f"{shards}: need at least 2 samples to train")
+    steps_per_epoch = (n // batch_size if cached else math.ceil(n / batch_size)) if n else None
+    if cached and steps_per_epoch == 0:
+        steps_per_epoch = 1
+    total_steps = (steps_per_epoch or 100) * epochs  # max_steps stops early without changing the schedule
+    warmup = min(100, max(1, total_steps // 10)) if warmup is None else warmup
+    opt = _optimizer(net, lr, weight_decay)
+    use_amp = device.startswith("cuda")
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+    loss_fn = ClipLoss()
+    enabled = progress if progress is not None else os.environ.get("MMSANITIZE_PROGRESS", "1") != "0"
+    last_loss = float("nan")
+
+    def one_step(img_in, txt_in, encode):
+        nonlocal step, last_loss
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total_steps, warmup, lr, min_lr)
+        with torch.autocast("cuda", enabled=use_amp):
+            fi, ft = encode(img_in, txt_in)
+            fi = torch.nn.functional.normalize(fi, dim=-1)
+            ft = torch.nn.functional.normalize(ft, dim=-1)
+            loss = loss_fn(fi, ft, net.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            net.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        last_loss = float(loss.detach())
+        return last_loss
+
+    for epoch in range(start_epoch, epochs):
+        _set_train_mode(net)
+        t0, seen, losses = time.monotonic(), 0, []
+        bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch + 1}/{epochs}", unit="step",
+                   file=sys.stderr, disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+        if cached:
+            perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+            batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+            if len(batches) > 1 and len(batches[-1]) < batch_size:
+                batches = batches[:-1]  # drop_last, as in the paper's code
+            for idx in batches:
+                if max_steps and step >= max_steps:
+                    break
+                losses.append(one_step(img_feats[idx].to(device), txt_feats[idx].to(device),
+                                       lambda a, b: (net.image_proj(a), net.text_proj(b))))
+                seen += len(idx)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {losses[-1]:.3f} {seen / max(time.monotonic() - t0, 1e-9):,.0f} samples/s",
+                                    refresh=False)
+        else:
+            for batch in iter_batches(paths, net.preprocess, batch_size=batch_size, train=True, seed=seed,
+                                      epoch=epoch, shuffle_buffer=shuffle_buffer, workers=workers):
+                if max_steps and step >= max_steps:
+                    break
+                if len(batch["caption"]) < 2:
+                    continue
+                toks = net.tokenize(batch["caption"])
+                toks = {k: v.to(device) for k, v in toks.items()} if isinstance(toks, dict) else toks.to(device)
+                losses.append(one_step(batch["image"].to(device), toks,
+                                       lambda a, b: (net.encode_image(a), net.encode_text(b))))
+                seen += len(batch["caption"])
+                bar.update(1)
+                bar.set_postfix_str(f"loss {losses[-1]:.3f} {seen / max(time.monotonic() - t0, 1e-9):,.0f} samples/s",
+                                    refresh=False)
+        bar.close()
+        elapsed = time.monotonic() - t0
+        net.eval()
+        record = {"epoch": epoch + 1, "step": step, "loss": float(np.mean(losses)) if losses else None,
+                  "lr": opt.param_groups[0]["lr"], "samples": seen,
+                  "samples_per_s": seen / max(elapsed, 1e-9), "logit_scale": float(net.logit_scale.detach().exp())}
+        if eval_test:
+            from .evaluate import evaluate_model
+
+            record["eval"] = evaluate_model(net, test=eval_test, manifest=manifest, workers=workers)
+        history.append(record)
+        save_checkpoint(net, out / "epochs" / f"{epoch + 1:03d}", spec={**spec, "epoch": epoch + 1})
+        save_checkpoint(net, out, spec={**spec, "epoch": epoch + 1})
+        _write_history(out / "history.jsonl", history)
+        tmp = out / "train_state.pt.tmp"
+        torch.save({"epoch": torch.tensor(epoch + 1), "step": torch.tensor(step), "optimizer": opt.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, state_path)
+        if max_steps and step >= max_steps:
+            break
+    return {"out": str(out), "epochs": len(history), "steps": step,
+            "loss": history[-1]["loss"] if history else None, "history": history}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+    os.replace(tmp, path)
+
+
+def align(shards, *, out, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+          workers: int = 1, device: str = "cpu", dim: int = 256, image_size: int = 96, **kw) -> dict:
+    """Train only the projections of `offline-b0-minilm` on clean shards: the stand-in "pretrained CLIP"."""
+    return train(shards, out=out, model="offline-b0-minilm", epochs=epochs, batch_size=batch_size, lr=lr,
+                 seed=seed, workers=workers, device=device, lock="backbones",
+                 model_options={"dim": dim, "image_size": image_size}, **kw)
+
+
+def defend_finetune(poisoned: str, *, clean, out, epochs: int = 1, **kw) -> dict:
+    """Post-training defense: keep fine-tuning a poisoned checkpoint on clean shards; history per epoch."""
+    if not Path(poisoned).is_dir():
+        raise UsageError(f"{poisoned} is not a checkpoint directory")
+    return train(clean, out=out, init=poisoned, epochs=epochs, **kw)

@@ -1,0 +1,76 @@
+"""sanitize: exactly the flagged keys go, everything else is copied byte for byte; resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from mmsanitize.cli import main
+from mmsanitize.shards import iter_raw_samples
+
+
+def _members(path):
+    return {r.key: [(m.name, d) for m, _, d in r.members] for r in iter_raw_samples(path)}
+
+
+@pytest.fixture
+def scanned(tiny_dataset, tmp_path, dask_address):
+    scan = tmp_path / "scan"
+    main(["scan", str(tiny_dataset), "--model", "tiny", "--flag-fraction", "0.2", "--reuse-min", "0",
+          "--out", str(scan), "--scheduler", dask_address])
+    return tiny_dataset, scan
+
+
+def test_removes_exactly_the_flagged_keys(scanned, tmp_path, dask_address, capsys):
+    data, scan = scanned
+    flagged = pd.read_parquet(scan / "scores.parquet").query("flagged")
+    assert len(flagged) == 7  # round(0.2 * 36)
+    out = tmp_path / "clean"
+    main(["sanitize", str(data), "--scan", str(scan), "--out", str(out), "--scheduler", dask_address])
+    assert "removed 7 pairs" in capsys.readouterr().out
+    kept_total = 0
+    for name in ("00000", "00001", "00002"):
+        src, dst = _members(data / f"{name}.tar"), _members(out / f"{name}.tar")
+        gone = set(flagged.loc[flagged["shard"] == f"{name}.tar", "key"])
+        assert set(dst) == set(src) - gone
+        assert list(dst) == [k for k in src if k not in gone]  # order kept
+        for k in dst:
+            assert dst[k] == src[k]  # names and bytes identical
+        assert json.loads((out / f"{name}_stats.json").read_text())["count"] == len(dst)
+        kept_total += len(dst)
+        assert list(pd.read_parquet(out / f"{name}.parquet")["key"]) == list(dst)
+    assert sum(json.loads((out / "sizes.json").read_text()).values()) == kept_total == 29
+    removed = pd.read_parquet(out / "removed.parquet")
+    assert set(removed["key"]) == set(flagged["key"]) and (removed["reason"].str.len() > 0).all()
+
+
+def test_resume_skips_finished_shards_and_gives_same_bytes(scanned, tmp_path, dask_address, capsys):
+    data, scan = scanned
+    out = tmp_path / "clean"
+    argv = ["sanitize", str(data), "--scan", str(scan), "--out", str(out), "--scheduler", dask_address]
+    main(argv)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    mtime = (out / "00000.tar").stat().st_mtime_ns
+    (out / "00002_stats.json").unlink()
+    (out / "00002.tar").unlink()
+    from mmsanitize.sanitize import sanitize
+
+    res = sanitize(data, scan=scan, out=out, scheduler=dask_address)
+    assert sorted(res["skipped"]) == ["00000", "00001"]
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    assert (out / "00000.tar").stat().st_mtime_ns == mtime
+
+
+def test_scan_of_other_shards_is_refused(scanned, tmp_path, dask_address, capsys):
+    from conftest import make_dataset
+
+    _, scan = scanned
+    other = tmp_path / "other"
+    make_dataset(other, n_shards=4)
+    with pytest.raises(SystemExit) as e:
+        main(["sanitize", str(other), "--scan", str(scan), "--out", str(tmp_path / "c"), "--scheduler", dask_address])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "00003.tar" in err

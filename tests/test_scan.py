@@ -1,0 +1,242 @@
+"""scan: detectors on synthetic embeddings with known answers, the index, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mmsanitize.cli import main
+from mmsanitize.detectors import caption_neighbours, density, image_reuse, similarity
+from mmsanitize.index import build_index, exact_knn, exact_range
+from mmsanitize.scan import combine_scores, run_detectors
+from mmsanitize.shards import Sample, iter_samples, rewrite_shard, write_sizes
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered_pairs(n=3000, d=32, classes=20, swapped=30, noise=0.6, seed=0):
+    """Pairs whose image and text sit near their class centre; `swapped` pairs get another class's image."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d))
+    label = rng.integers(0, classes, n)
+    img_label = label.copy()
+    bad = rng.choice(n, swapped, replace=False)
+    img_label[bad] = (label[bad] + rng.integers(1, classes, swapped)) % classes
+    img = _unit(centres[img_label] + noise * rng.normal(size=(n, d)))
+    txt = _unit(centres[label] + noise * rng.normal(size=(n, d)))
+    truth = np.zeros(n, bool)
+    truth[bad] = True
+    return img, txt, truth
+
+
+def _auroc(score, truth):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(truth, score)
+
+
+def test_swapped_pairs_get_top_scores_from_every_embedding_detector():
+    img, txt, truth = clustered_pairs()
+    scores = run_detectors(img, txt, detectors=("similarity", "caption_neighbours", "density"))
+    for name, s in scores.items():
+        assert _auroc(s, truth) > 0.97, name
+    top = np.argsort(-combine_scores(scores))[: truth.sum()]
+    assert truth[top].mean() > 0.9
+
+
+def test_caption_neighbours_catches_what_a_global_threshold_misses():
+    # two kinds of classes: tight ones (cos ~0.9) and loose ones (cos ~0.3); swaps among tight classes
+    # still have higher cosine than many clean loose pairs, but disagree with their neighbourhood.
+    rng = np.random.default_rng(1)
+    d, n = 64, 2000
+    centres = rng.normal(size=(10, d))
+    label = rng.integers(0, 10, n)
+    tight = label < 5
+    noise = np.where(tight, 0.25, 1.6)[:, None]
+    img_label = label.copy()
+    bad = np.nonzero(tight)[0][:20]
+    img_label[bad] = (label[bad] + 1) % 5
+    mix = 0.8
+    img = _unit(mix * centres[img_label] + (1 - mix) * centres[label] + noise * rng.normal(size=(n, d)) / np.sqrt(d) * 8)
+    txt = _unit(centres[label] + noise * rng.normal(size=(n, d)) / np.sqrt(d) * 8)
+    truth = np.zeros(n, bool)
+    truth[bad] = True
+    sim = similarity.score(img, txt)
+    idx_i, idx_t = build_index(img, kind="exact"), build_index(txt, kind="exact")
+    cn = caption_neighbours.score(img, txt, image_index=idx_i, text_index=idx_t, k=10)
+    assert _auroc(cn, truth) > _auroc(sim, truth)
+    assert _auroc(cn, truth) > 0.95
+
+
+def test_image_reuse_finds_one_image_with_many_captions():
+    img, txt, _ = clustered_pairs(n=500, swapped=0)
+    sha = np.array([f"h{i}" for i in range(500)], dtype=object)
+    reused = np.arange(10, 18)
+    img[reused] = img[3]                # same image bytes, captions of other pairs
+    sha[reused] = sha[3]
+    img[400] = _unit(img[3:4] + 0.01)[0]  # a near-duplicate re-encoding
+    idx = build_index(img, kind="exact")
+    s = image_reuse.score(img, txt, image_index=idx, sha256=sha)
+    group = np.r_[3, reused, 400]
+    assert set(np.nonzero(s >= 5)[0]) == set(group)
+    assert s[np.setdiff1d(np.arange(500), group)].max() == 0
+    # honest duplicates (same image, same caption) do not count
+    txt2 = txt.copy()
+    txt2[reused] = txt[3]
+    assert image_reuse.score(img, txt2, sha256=sha, captions=np.array(["c"] * 500, dtype=object)).max() == 0
+
+
+def test_density_scores_isolated_pairs_higher():
+    img, txt, truth = clustered_pairs(n=1000, swapped=10)
+    joint = density.joint(img, txt)
+    s = density.score(joint, index=build_index(joint, kind="exact"), k=10)
+    assert _auroc(s, truth) > 0.95
+
+
+def test_auto_threshold_splits_a_bimodal_mixture():
+    rng = np.random.default_rng(0)
+    cos = np.r_[rng.normal(0.30, 0.03, 5000), rng.normal(0.10, 0.03, 100)]
+    fit = similarity.auto_threshold(cos, seed=0)
+    assert fit["method"] == "gmm" and 0.14 < fit["threshold"] < 0.24
+    # a skewed clean distribution (broad low bulk, tight high peak) must not flag the bulk
+    skew = np.r_[rng.normal(0.15, 0.15, 8000), rng.normal(0.6, 0.04, 2000)]
+    fit = similarity.auto_threshold(skew, seed=0)
+    assert fit["method"] == "quantile-0.01" and np.mean(skew < fit["threshold"]) < 0.02
+
+
+def test_ivf_index_agrees_with_exact_search(tmp_path):
+    img, _, _ = clustered_pairs(n=6000, d=32, classes=50, noise=0.3)
+    exact = build_index(img, kind="exact")
+    ivf = build_index(img, kind="ivf", nlist=64, nprobe=16)
+    _, e_ids = exact.knn(img[:300], 10)
+    _, i_ids = ivf.knn(img[:300], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(e_ids, i_ids)])
+    assert recall >= 0.95
+    lims, sims, ids = ivf.range_search(img[:50], 0.9)
+    lims_e, sims_e, ids_e = exact_range(img, img[:50], 0.9)
+    assert lims[-1] >= 0.95 * lims_e[-1] and (sims >= 0.9 - 1e-6).all()
+    s, i = exact_knn(img, img[:5], 3)
+    assert (i[:, 0] == np.arange(5)).all() and np.all(np.diff(s, axis=1) <= 1e-7)
+    from mmsanitize.index import load_index
+
+    for index, name in ((ivf, "ivf"), (exact, "exact")):
+        index.save(tmp_path / f"{name}.index")
+        back = load_index(tmp_path / f"{name}.index")
+        assert back.kind == name and np.array_equal(back.knn(img[:20], 5)[1], index.knn(img[:20], 5)[1])
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+
+
+@pytest.fixture(scope="module")
+def emb_data(tmp_path_factory, dask_address):
+    """Tiny shards + their tiny-model embeddings, shared by the CLI tests of this module."""
+    from conftest import make_dataset
+
+    root = tmp_path_factory.mktemp("scan")
+    data = root / "data"
+    make_dataset(data)
+    main(["embed", str(data), "--model", "tiny", "--out", str(root / "emb"), "--scheduler", dask_address])
+    return data, root / "emb"
+
+
+def _scan(data, out, dask_address, *extra):
+    main(["scan", str(data), "--out", str(out), "--scheduler", dask_address, *extra])
+
+
+def test_precomputed_and_inline_embeddings_give_identical_scans(emb_data, tmp_path, dask_address):
+    data, emb = emb_data
+    alld = ["--detectors", "similarity,image_reuse,caption_neighbours,density"]
+    _scan(data, tmp_path / "a", dask_address, "--embeddings", str(emb), "--threshold", "auto", "--flag-fraction", "0.1", *alld)
+    _scan(data, tmp_path / "b", dask_address, "--model", "tiny", "--threshold", "auto", "--flag-fraction", "0.1", *alld)
+    a = (tmp_path / "a" / "scores.parquet").read_bytes()
+    assert a == (tmp_path / "b" / "scores.parquet").read_bytes()
+    df = pd.read_parquet(tmp_path / "a" / "scores.parquet")
+    assert list(df.columns[:2]) == ["key", "shard"] and len(df) == 36
+    assert {"similarity", "image_reuse", "caption_neighbours", "density", "combined", "flagged", "reason"} <= set(df.columns)
+    assert (df.loc[df["flagged"], "reason"].str.len() > 0).all() and (df.loc[~df["flagged"], "reason"] == "").all()
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["flagged"] == int(df["flagged"].sum()) >= 4
+    assert -1 <= summary["thresholds"]["similarity"] <= 1
+    assert (tmp_path / "a" / "index" / "image.index").exists()
+    ids = pd.read_parquet(tmp_path / "a" / "index" / "ids.parquet")
+    assert list(ids["key"]) == list(df["key"])
+    # a rerun with the same inputs reuses the result
+    mtime = (tmp_path / "a" / "scores.parquet").stat().st_mtime_ns
+    _scan(data, tmp_path / "a", dask_address, "--embeddings", str(emb), "--threshold", "auto", "--flag-fraction", "0.1", *alld)
+    assert (tmp_path / "a" / "scores.parquet").stat().st_mtime_ns == mtime
+    (tmp_path / "a" / "scan_00001_stats.json").unlink()
+    _scan(data, tmp_path / "a", dask_address, "--embeddings", str(emb), "--threshold", "auto", "--flag-fraction", "0.1", *alld)
+    assert (tmp_path / "a" / "scores.parquet").read_bytes() == a
+
+
+def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_address):
+    from conftest import make_dataset
+
+    data = tmp_path / "clean"
+    paths = make_dataset(data)
+    # Attack I by hand: dog captions in shard 1 all get the image of boat sample 000000001
+    target = next(s for s in iter_samples(paths[0]) if s.key == "000000001")
+    victims = [s for s in iter_samples(paths[1]) if "dog" in s.caption]
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(data, poisoned, ignore=shutil.ignore_patterns("_catalog"))
+    rewrite_shard(paths[1], poisoned, "00001",
+                  replace={v.key: Sample(v.key, target.image, target.image_ext, v.caption, v.meta) for v in victims})
+    write_sizes(poisoned)
+    keys = [v.key for v in victims]
+    manifest = tmp_path / "manifest.parquet"
+    pd.DataFrame({"key": keys, "shard": "00001.tar", "attack": "single-image", "goal": "dog2one",
+                  "source_key": keys, "image_source_key": "000000001", "caption": [v.caption for v in victims],
+                  "mode": "replace"}).to_parquet(manifest)
+    out = tmp_path / "scan"
+    _scan(poisoned, out, dask_address, "--model", "tiny", "--threshold", "-1", "--reuse-min", "1",
+          "--manifest", str(manifest))
+    df = pd.read_parquet(out / "scores.parquet")
+    flagged = set(df.loc[df["flagged"], "key"])
+    assert flagged == set(keys) | {"000000001"}
+    assert df.loc[df["flagged"], "reason"].str.contains("image_reuse").all()
+    det = json.loads((out / "summary.json").read_text())["detection"]
+    assert det["poisoned"] == len(keys)
+    assert det["image_reuse"]["recall"] == 1.0 and det["image_reuse"]["auroc"] > 0.95
+    assert {"auroc", "precision_at_k", "precision", "recall"} <= set(det["combined"])
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs_are_one_line_errors(emb_data, tmp_path, dask_address, capsys):
+    data, emb = emb_data
+    base = ["scan", str(data), "--scheduler", dask_address]
+    assert "outside [-1, 1]" in _error(capsys, base + ["--out", str(tmp_path / "s1"), "--embeddings", str(emb),
+                                                       "--threshold", "1.5"])
+    assert "--threshold" in _error(capsys, base + ["--out", str(tmp_path / "s1"), "--embeddings", str(emb),
+                                                   "--threshold", "abc"])
+    other = tmp_path / "other"
+    shutil.copytree(emb, other)
+    card = json.loads((other / "model.json").read_text())
+    card["name"], card["checkpoint_sha256"] = "open_clip:ViT-B-32", "ab" * 32
+    (other / "model.json").write_text(json.dumps(card))
+    assert "not --model 'tiny'" in _error(capsys, base + ["--out", str(tmp_path / "s2"), "--embeddings", str(other),
+                                                          "--model", "tiny", "--threshold", "0.2"])
+    short = tmp_path / "short"
+    shutil.copytree(emb, short)
+    for sub in ("img_emb", "text_emb"):
+        p = short / sub / f"{sub}_00001.npy"
+        np.save(p, np.load(p)[:-1])
+    meta = pd.read_parquet(short / "metadata" / "metadata_00001.parquet")
+    meta.iloc[:-1].to_parquet(short / "metadata" / "metadata_00001.parquet")
+    err = _error(capsys, base + ["--out", str(tmp_path / "s3"), "--embeddings", str(short), "--threshold", "0.2"])
+    assert "00001.tar" in err and "11 rows" in err and "12 samples" in err
+    assert not (tmp_path / "s3" / "scores.parquet").exists()
