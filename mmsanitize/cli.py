@@ -367,7 +367,8 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
 @click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: report precision/recall/AUROC.")
-@click.option("--detectors", default="similarity,image_reuse,caption_neighbours,density", show_default=True)
+@click.option("--detectors", default="similarity,image_reuse,caption_neighbours", show_default=True,
+              help="Comma list of similarity, image_reuse, caption_neighbours, density (density: use the suspect model).")
 @click.option("--combine", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
 @click.option("--reuse-min", type=int, default=10, show_default=True,
               help="Flag images shared with at least this many other captions (0 = off).")
