@@ -13,7 +13,7 @@ setup(
         "torch==2.14.1",
         "torchvision==0.29.1",
         "open_clip_torch>=3.0",
-        "webdataset<0.3",
+        "webdataset<=0.2.86",  # open_clip_train breaks on newer (webdataset #384, open_clip #935)
         "img2dataset>=1.45",
         "faiss-cpu>=1.8",
         "dask[distributed]>=2024.1",

@@ -161,6 +161,22 @@ class _ChunkReader:
         return self.buf[off: off + end - start]
 
 
+class _PositionalReader:
+    """Byte ranges read with pread: for scans that skip most data (headers and small members only)."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self.fd = fileobj.fileno()
+
+    def get(self, start: int, end: int) -> bytes:
+        out = os.pread(self.fd, end - start, start)
+        while len(out) < end - start:
+            more = os.pread(self.fd, end - start - len(out), start + len(out))
+            if not more:
+                break
+            out += more
+        return out
+
+
 _ZERO_BLOCK = bytes(BLOCK)
 
 
@@ -176,7 +192,10 @@ def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Me
     long_name: str | None = None
     pax: dict[str, str] = {}
     header_start: int | None = None
-    get = _ChunkReader(fileobj).get
+    if with_data is True or not hasattr(fileobj, "fileno"):
+        get = _ChunkReader(fileobj).get
+    else:
+        get = _PositionalReader(fileobj).get
     while True:
         header = get(pos, pos + BLOCK)
         if len(header) < BLOCK:
@@ -562,9 +581,20 @@ def _text_members(name: str) -> bool:
 
 
 def copy_range(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
-    """Copy bytes [start, end) of `src` to the current position of `dst` in large blocks."""
-    src.seek(start)
+    """Copy bytes [start, end) of `src` to the current position of `dst` (in-kernel where possible)."""
+    dst.flush()
+    at = dst.tell()
     remaining = end - start
+    try:
+        while remaining > 0:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), remaining, start, at)
+            if n == 0:
+                break
+            start, at, remaining = start + n, at + n, remaining - n
+    except OSError:  # not supported between these files: copy through user space below
+        pass
+    dst.seek(at)
+    src.seek(start)
     while remaining > 0:
         chunk = src.read(min(remaining, 8 << 20))
         if not chunk:

@@ -1,0 +1,43 @@
+"""Attack I (single target image, "A2one"): class-A captions all paired with one image x*."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UsageError
+from .plan import AttackSpec, Edit, KeyPlacer, PoisonPlan, pick, poison_amount, ref, rng_for
+
+
+def plan_single_image(catalog, spec: AttackSpec, masks: dict[str, np.ndarray]) -> PoisonPlan:
+    """Chosen class-A samples (fraction/count/rate, seeded) get the one target image.
+
+    The target is `spec.target_key`, or a class-B image drawn with the seed (the paper: "randomly
+    selected from the target class"). The manifest goal is written `A2one` as in the reference code.
+    """
+    if len(spec.goals) != 1:
+        raise UsageError("single-image takes exactly one source class (--source A, or --goal A2B)")
+    (a, b), = spec.goals
+    if a == b:
+        raise UsageError(f"goal {a}2{b}: source and target class are the same")
+    rng = rng_for(spec.seed, 0)
+    if spec.target_key is not None:
+        hits = np.flatnonzero((catalog["key"] == spec.target_key).to_numpy())
+        if len(hits) == 0:
+            raise UsageError(f"target key {spec.target_key!r} not found in the dataset")
+        target = int(hits[0])
+    else:
+        b_mask = masks.get(b) if b else None
+        if b_mask is None or not (b_mask & ~masks[a]).any():
+            raise UsageError(f"single-image needs at least one class-{b} image to use as the target "
+                             "(or give --target-key)")
+        target = int(pick(b_mask & ~masks[a], 1, rng)[0])
+    a_mask = masks[a].copy()
+    a_mask[target] = False
+    n = poison_amount(spec, int(a_mask.sum()), len(catalog), 1, 0, f"class-{a} samples")
+    placer = KeyPlacer(catalog, spec.mode)
+    plan = PoisonPlan()
+    for ar in pick(a_mask, n, rng):
+        shard, key, replaces = placer.place(catalog, ar)
+        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(catalog, target))
+        plan.add(edit, attack=spec.attack, goal=f"{a}2one", mode=spec.mode, source=ref(catalog, ar))
+    return plan

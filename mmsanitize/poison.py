@@ -1,0 +1,421 @@
+"""`poison`: plan an attack once from the catalog, then rewrite every shard in one Dask task each.
+
+Output: shards with the input's names and layout (+ `sizes.json`), `manifest.parquet` (one row
+per poisoned sample) and `poison.json` (spec, seed, counts, rate). Per-shard sha256 lists live in
+`_poison_parts/` while the run is in progress and are removed once the manifest is written, so
+the finished shards carry no mark of what was poisoned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import ShardError, UsageError
+
+ATTACKS = ("single-image", "single-label", "multi-label", "patch", "blended", "label-consistent")
+JPEG_QUALITY = 95
+PARTS = "_poison_parts"
+# json fields that describe the image rather than the caption (copied from the image's sample)
+IMAGE_FIELDS = ("label", "url", "original_width", "original_height", "exif", "md5")
+
+
+@dataclass(frozen=True)
+class PoisonTask:
+    """Rewrite input shard `src` into `out_dir/name.tar` applying `edits`."""
+
+    name: str
+    src: str
+    out_dir: str
+    edits: tuple
+    spec_hash: str
+    sources: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ExtractTask:
+    """Read samples `keys` (image sources and json templates) out of input shard `path`."""
+
+    name: str
+    path: str
+    keys: tuple
+
+
+# --------------------------------------------------------------------------- per-shard work
+
+
+def _wanted(keys: set[str]):
+    def want(name: str) -> bool:
+        directory, _, base = name.rpartition("/")
+        key = base.split(".", 1)[0]
+        return (directory + "/" + key if directory else key) in keys
+    return want
+
+
+def read_keys(path: str, keys: set[str]) -> dict:
+    """Samples `keys` of shard `path` as parsed Samples (one pass over the shard; only the wanted
+    members are kept). Raises ShardError when a key is missing."""
+    from .shards import RawSample, iter_tar, parse_sample, split_name
+
+    shard = Path(path).name
+    raws: dict[str, RawSample] = {}
+    try:
+        fileobj = open(path, "rb")
+    except OSError as e:
+        raise ShardError(shard, f"cannot open: {e.strerror}") from None
+    with fileobj:
+        for member, data in iter_tar(fileobj, shard, with_data=_wanted(keys)):
+            if data is None:
+                continue
+            key, ext = split_name(member.name, shard)
+            raws.setdefault(key, RawSample(key, [])).members.append((member, ext, data))
+    missing = keys - set(raws)
+    if missing:
+        raise ShardError(shard, "sample named by the poison plan is missing (input changed?)", key=sorted(missing)[0])
+    return {k: parse_sample(r, shard) for k, r in raws.items()}
+
+
+def _trigger_pixels(trigger, height: int, width: int):
+    import numpy as np
+
+    rng = np.random.default_rng([trigger.seed, 7])
+    if trigger.kind == "blended":
+        return rng.integers(0, 256, size=(height, width, 3)).astype(np.float32)
+    s = trigger.size
+    if trigger.pattern == "noise":
+        return rng.integers(0, 256, size=(s, s, 3)).astype(np.float32)
+    cell = max(1, s // 4)
+    yy, xx = np.mgrid[0:s, 0:s]
+    board = (((yy // cell) + (xx // cell)) % 2 * 255).astype(np.float32)
+    return np.repeat(board[:, :, None], 3, axis=2)
+
+
+def apply_trigger(image: bytes, ext: str, trigger, shard: str = "?", key: str = "?") -> tuple[bytes, str]:
+    """Decode an image, stamp (patch) or blend the trigger, re-encode (JPEG quality 95, else PNG).
+
+    Returns (bytes, extension). Deterministic for the same input and trigger.
+    """
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32).copy()
+    except Exception as e:
+        raise ShardError(shard, f"undecodable image ({type(e).__name__}: {e})", key=key) from None
+    h, w = arr.shape[:2]
+    pix = _trigger_pixels(trigger, h, w)
+    if trigger.kind == "blended":
+        arr = (1 - trigger.opacity) * arr + trigger.opacity * pix
+    else:
+        s = min(trigger.size, w, h)
+        x, y = min(trigger.x, w - s), min(trigger.y, h - s)
+        arr[y:y + s, x:x + s] = pix[:s, :s]
+    out = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    if ext in ("jpg", "jpeg"):
+        out.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        return buf.getvalue(), ext
+    out.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, caption: str,
+                 image: bytes, width: int, height: int) -> dict | None:
+    """The json of a poisoned sample: the template's field set, with every field describing the
+    image (size, hash, label, url...) taken from the new image, and key/caption updated."""
+    from .shards import sha256
+
+    if template is None:
+        return None
+    image_meta = image_meta or {}
+    meta = dict(template)
+    for f in meta:
+        if f == "key":
+            meta[f] = key
+        elif f == "caption":
+            meta[f] = caption
+        elif f == "sha256":
+            meta[f] = sha256(image)
+        elif f == "width":
+            meta[f] = width
+        elif f == "height":
+            meta[f] = height
+        elif f in ("original_width", "original_height"):
+            meta[f] = image_meta.get(f, width if f == "original_width" else height)
+        elif f in IMAGE_FIELDS:
+            meta[f] = image_meta.get(f)
+    return meta
+
+
+def extract_samples(task: ExtractTask) -> dict:
+    """Dask task: the samples a poison plan needs from one input shard, read in one pass."""
+    samples = read_keys(task.path, set(task.keys))
+    return {"count": len(samples), "samples": {(Path(task.path).name, k): s for k, s in samples.items()}}
+
+
+def poison_shard(task: PoisonTask) -> dict:
+    """Dask task: build the shard's poisoned samples (from `task.sources`, read by
+    `extract_samples`), splice them into a copy of the shard.
+
+    Writes `_poison_parts/NAME.json` (key -> sha256 of the stored image) before the shard's stats.
+    Returns the shard stats plus `poisoned` and `sha256`.
+    """
+    from .shards import (Sample, file_fingerprint, image_size, rewrite_shard, sha256,
+                         write_json_atomic)
+
+    samples = task.sources
+    replace, append, hashes = {}, [], {}
+    for e in task.edits:
+        src = samples[tuple(e.image_source)]
+        image, ext = src.image, src.image_ext
+        if e.trigger is not None:
+            image, ext = apply_trigger(image, ext, e.trigger, e.image_source[0], e.image_source[1])
+        w, h = image_size(image, e.image_source[0], e.image_source[1])
+        tmpl = samples[tuple(e.template)]
+        meta = rewrite_meta(tmpl.meta, src.meta, key=e.key, caption=e.caption, image=image, width=w, height=h)
+        sample = Sample(e.key, image, ext, e.caption, meta, dict(tmpl.extras))
+        if e.replaces is not None:
+            replace[e.replaces] = sample
+        else:
+            append.append(sample)
+        hashes[e.key] = sha256(image)
+    parts = Path(task.out_dir) / PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(parts / f"{task.name}.json", {"spec": task.spec_hash, "sha256": hashes})
+    stats = rewrite_shard(task.src, task.out_dir, task.name, replace=replace, append=append,
+                          stats_extra={"input": file_fingerprint(task.src), "spec": task.spec_hash})
+    return {**stats, "poisoned": len(task.edits), "sha256": hashes}
+
+
+def _shard_done(task: PoisonTask) -> dict | None:
+    from .shards import file_fingerprint, outputs_done
+
+    stats = outputs_done(task.out_dir, task.name, input=file_fingerprint(task.src), spec=task.spec_hash)
+    if stats is None:
+        return None
+    try:
+        part = json.loads((Path(task.out_dir) / PARTS / f"{task.name}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if part.get("spec") != task.spec_hash:
+        return None
+    return {**stats, "poisoned": len(task.edits), "sha256": part["sha256"]}
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def parse_goal(text: str) -> tuple[str, str]:
+    """`dog2boat` -> ("dog", "boat"). Raises UsageError for anything else."""
+    m = re.fullmatch(r"(.+?)2(.+)", text.strip())
+    if not m or not m.group(1) or not m.group(2):
+        raise UsageError(f"goal {text!r} is not of the form A2B (e.g. dog2boat)")
+    return m.group(1), m.group(2)
+
+
+def _goals(attack: str, goals, source, target, target_key) -> tuple[tuple[str, str], ...]:
+    parsed = [parse_goal(g) for g in goals]
+    if source is not None or target is not None:
+        if parsed:
+            raise UsageError("give goals either as --goal A2B or as --source/--target, not both")
+        if attack in ("patch", "blended", "label-consistent"):
+            if target is None:
+                raise UsageError(f"{attack} needs --target CLASS")
+            parsed = [(source or "", target)]
+        elif attack == "single-image" and target is None and target_key is not None:
+            if source is None:
+                raise UsageError("single-image needs --source CLASS")
+            parsed = [(source, "")]
+        else:
+            if source is None or target is None:
+                raise UsageError(f"{attack} needs both --source and --target (or --goal A2B)")
+            parsed = [(source, target)]
+    if not parsed:
+        raise UsageError("no goal given: use --goal A2B or --source A --target B")
+    return tuple(parsed)
+
+
+def make_plan(catalog, spec, label_from: str = "field"):
+    """Resolve the classes a spec names and run its attack: returns a PoisonPlan (pure, seeded)."""
+    from .attacks.backdoor import plan_backdoor
+    from .attacks.multi_label import plan_multi_label
+    from .attacks.single_image import plan_single_image
+    from .attacks.single_label import plan_single_label
+    from .labels import class_masks
+
+    for a, b in spec.goals:
+        if a == b:
+            raise UsageError(f"goal {a}2{b}: source and target class are the same")
+    classes = [c for g in spec.goals for c in g if c]
+    masks = class_masks(catalog, list(dict.fromkeys(classes)), label_from)
+    planner = {"single-image": plan_single_image, "single-label": plan_single_label,
+               "multi-label": plan_multi_label, "patch": plan_backdoor, "blended": plan_backdoor,
+               "label-consistent": plan_backdoor}[spec.attack]
+    return planner(catalog, spec, masks)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_out(out: Path, in_root: Path, input_names: set[str]) -> None:
+    out_r, in_r = out.resolve(), in_root.resolve()
+    if out_r == in_r or in_r in out_r.parents:
+        raise UsageError(f"output directory {out} is the input directory or inside it")
+    if out_r.exists() and not out_r.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+    if out_r.is_dir():
+        foreign = sorted(p.name for p in out_r.glob("*.tar") if p.name not in input_names)
+        if foreign:
+            raise UsageError(f"output directory {out} holds shards of another dataset ({foreign[0]}); "
+                             "choose an empty or previous poison output directory")
+
+
+def poison_dataset(
+    shards: str,
+    *,
+    out: str,
+    attack: str,
+    goals: list[str] | tuple = (),
+    source: str | None = None,
+    target: str | None = None,
+    target_key: str | None = None,
+    source_fraction: float | None = None,
+    count: int | None = None,
+    rate: float | None = None,
+    mode: str = "replace",
+    label_from: str = "field",
+    seed: int = 0,
+    trigger_size: int = 16,
+    trigger_position: str = "bottom-right",
+    trigger_pattern: str = "checkerboard",
+    opacity: float = 0.1,
+    caption_only: bool = False,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 1,
+    overwrite: bool = False,
+) -> dict:
+    """Write a poisoned copy of the dataset `shards` to `out`; returns the poison.json content.
+
+    `attack` is one of ATTACKS; goals are `["dog2boat", ...]` or `source`/`target`. The amount is
+    `count` (per goal), `rate` (pairs over the output dataset) or `source_fraction` (of class A;
+    default 1.0 for dirty-label attacks). `mode` is `replace` (same size, keys kept) or `inject`
+    (new pairs appended with new keys). `caption_only` (internal; dirty-label attacks) makes the
+    pairs by giving class-B samples class-A captions, so no image moves. A rerun resumes: shards
+    whose stats match the input fingerprint and the plan are skipped (`overwrite` redoes all).
+    Raises UsageError for bad requests before anything is written.
+    """
+    from .attacks.plan import MODES, AttackSpec
+    from .catalog import build_catalog
+    from .engine import dask_client, map_shards
+    from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
+
+    if attack not in ATTACKS:
+        raise UsageError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    if mode not in MODES:
+        raise UsageError(f"--mode must be replace or inject, not {mode!r}")
+    if sum(x is not None for x in (count, rate)) + (source_fraction is not None) > 1:
+        raise UsageError("give only one of --source-fraction, --count, --rate")
+    if rate is not None and not 0 < rate <= 1:
+        raise UsageError(f"--rate must be in (0, 1], got {rate}")
+    if source_fraction is not None and not 0 < source_fraction <= 1:
+        raise UsageError(f"--source-fraction must be in (0, 1], got {source_fraction}")
+    if count is not None and count < 1:
+        raise UsageError(f"--count must be at least 1, got {count}")
+    if caption_only and (attack not in ("single-label", "multi-label") or mode != "replace"):
+        raise UsageError("caption-only plans exist for single-label/multi-label in replace mode only")
+    paths = expand_shards(shards)
+    in_root = paths[0].parent
+    names = [shard_stem(p) for p in paths]
+    out_dir = Path(out)
+    _check_out(out_dir, in_root, {p.name for p in paths})
+    goal_pairs = _goals(attack, goals, source, target, target_key)
+    spec = AttackSpec(attack=attack, goals=goal_pairs, mode=mode, seed=int(seed),
+                      source_fraction=source_fraction, count=count, rate=rate, target_key=target_key,
+                      trigger_size=int(trigger_size), trigger_position=trigger_position,
+                      trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
+    catalog = build_catalog(paths, scheduler=scheduler, workers=workers, retries=retries)
+    plan = make_plan(catalog, spec, label_from)
+
+    spec_dict = {**asdict(spec), "goals": [f"{a or 'any'}2{b or 'one'}" for a, b in spec.goals],
+                 "label_from": label_from}
+    fingerprint = _hash(catalog[["key", "shard", "sha256", "caption"]].values.tolist())
+    full_hash = _hash({"spec": spec_dict, "catalog": fingerprint})
+    by_shard = plan.by_shard()
+    shard_paths = {p.name: str(p) for p in paths}
+    tasks = []
+    for name, p in zip(names, paths):
+        edits = tuple(by_shard.get(p.name, ()))
+        tasks.append(PoisonTask(name, str(p), str(out_dir), edits,
+                                _hash({"plan": full_hash, "edits": [asdict(e) for e in edits]})))
+    done_file = out_dir / "poison.json"
+    if not overwrite and done_file.exists():
+        try:
+            prev = json.loads(done_file.read_text())
+        except json.JSONDecodeError:
+            prev = None
+        from .shards import file_fingerprint, outputs_done
+        if prev and prev.get("spec_hash") == full_hash and all(
+                outputs_done(out_dir, t.name, input=file_fingerprint(t.src), spec=t.spec_hash) for t in tasks):
+            return prev
+    for stale in ("poison.json", "manifest.parquet", "sizes.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
+    pending = [t for t in tasks if t.name not in results]
+    if pending:
+        # read every needed source sample in one pass per input shard, then splice each shard
+        needed: dict[str, set[str]] = {}
+        for t in pending:
+            for e in t.edits:
+                for shard, key in (e.template, e.image_source):
+                    needed.setdefault(shard, set()).add(key)
+        with dask_client(scheduler, workers) as client:
+            extract = [ExtractTask(shard_stem(n), shard_paths[n], tuple(sorted(k))) for n, k in sorted(needed.items())]
+            got = map_shards(extract_samples, extract, client=client, retries=retries, desc="poison-read")
+            sources = {}
+            for r in got.results.values():
+                sources.update(r["samples"])
+            pending = [replace(t, sources={ref: sources[ref] for e in t.edits for ref in (e.template, e.image_source)})
+                       for t in pending]
+            run = map_shards(poison_shard, pending, client=client, retries=retries, desc="poison")
+        results.update(run.results)
+
+    import pandas as pd
+
+    hashes = {}
+    for t in tasks:
+        hashes.update(results[t.name]["sha256"])
+    rows = [{**r, "sha256": hashes[r["key"]]} for r in plan.rows]
+    columns = ["key", "shard", "attack", "goal", "source_shard", "source_key", "image_source_shard",
+               "image_source_key", "caption", "mode", "sha256"]
+    sizes = write_sizes(out_dir)
+    total_out = sum(sizes[p.name] for p in paths)
+    write_parquet_atomic(pd.DataFrame(rows, columns=columns), out_dir / "manifest.parquet")
+    per_goal = {}
+    for r in rows:
+        per_goal[r["goal"]] = per_goal.get(r["goal"], 0) + 1
+    result = {
+        "attack": attack,
+        "spec": spec_dict,
+        "seed": int(seed),
+        "mode": mode,
+        "input": str(in_root.resolve()),
+        "shards": [p.name for p in paths],
+        "counts": {"samples_in": int(len(catalog)), "samples_out": int(total_out),
+                   "poisoned": len(rows), "per_shard": {t.name + ".tar": len(t.edits) for t in tasks}},
+        "goals": [{"goal": g, "poisoned": n, "rate": n / total_out} for g, n in per_goal.items()],
+        "rate": len(rows) / total_out,
+        "rate_unit": "poisoned pairs / pairs in the output dataset (one caption per sample)",
+        "manifest": "manifest.parquet",
+        "spec_hash": full_hash,
+    }
+    write_json_atomic(done_file, result)
+    shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+    return result
