@@ -1,0 +1,663 @@
+"""Re-run the paper's experiments (Tables 2-8) on the embedded real datasets and write docs/results.md.
+
+    python pipelines/paper_tables.py --work runs/paper --out docs/results.md [--datasets oca,fm] [--quick]
+
+Every step is one `mmsanitize` CLI call (run under `nice`, seed 0) whose output folder/file is its
+"done" marker: re-running the script skips finished steps, so it can be stopped and resumed. After
+each step results.md is rewritten from the outputs under --work; a section whose outputs do not
+exist yet says "not run yet" and shows the commands that would produce it. Numbers in results.md
+come only from the JSON files the verbs wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = {"oca": "/tmp/oca", "fm": "/tmp/fm"}
+OCA_REF = "/tmp/mt_exp/ref"  # offline-b0-minilm aligned on /tmp/oca/ref for 20 epochs (same align command)
+OCA_II = ["food2bird", "insect2boat"]
+FM_II = ["sneaker2bag"]
+FM_RATES = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
+# (dataset, poisoned set, scan variant) for the pre-training defense
+SCANS = [("oca", "II_food2bird", "auto"), ("fm", "II_sneaker2bag", "auto"),
+         ("oca", "II_food2bird", "f10"), ("fm", "II_sneaker2bag", "f10")]
+# (row label, name tag, --lock value): whole-tower training for the modality study
+MODALITY = [("M_p^t: text tower trained (--lock image)", "lockimage", "image", None),
+            ("M_p^t: text tower trained (--lock image --lr 1e-4)", "lockimage_lr1e-4", "image", 1e-4),
+            ("M_p^i: image tower trained (--lock text)", "locktext", "text", None),
+            ("M_p: both towers trained (no lock)", "nolock", None, None)]
+
+
+def done_epoch(out: Path, epochs: int) -> Path:
+    """Marker of a finished training run: the checkpoint of its last epoch (model.safetensors is
+    rewritten after every epoch, so it does not mean 'finished')."""
+    return out / "epochs" / f"{epochs:03d}"
+
+
+class Runner:
+    """Runs CLI steps once (skip when the marker exists) and logs command + wall time."""
+
+    def __init__(self, work: Path, results, dry: bool = False):
+        self.work, self.results, self.dry = work, results, dry
+        self.log_path = work / "steps.jsonl"
+        self.times: dict[str, dict] = {}
+        if self.log_path.exists():
+            for line in self.log_path.read_text().splitlines():
+                rec = json.loads(line)
+                self.times[rec["marker"]] = rec
+
+    def run(self, args: list[str], marker: Path) -> bool:
+        """Run `mmsanitize ARGS` unless `marker` exists; returns True when the output is there."""
+        cmd = ["nice", "-n", "10", sys.executable, "-m", "mmsanitize", *map(str, args)]
+        if marker.exists():
+            return True
+        if self.dry:
+            return False
+        print("$ " + " ".join(shlex.quote(c) for c in cmd[3:]).replace(sys.executable, "python"), flush=True)
+        t0 = time.time()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", MMSANITIZE_PROGRESS="0")
+        log = self.work / "logs" / (str(marker.relative_to(self.work)).replace("/", "_") + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if rc != 0:
+            print(f"  FAILED (rc {rc}), see {log}", flush=True)
+            return False
+        rec = {"marker": str(marker), "cmd": "mmsanitize " + " ".join(map(str, args)), "seconds": round(time.time() - t0, 1)}
+        self.times[str(marker)] = rec
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"  done in {rec['seconds']} s", flush=True)
+        self.results()
+        return marker.exists()
+
+
+def load(path: Path) -> dict | None:
+    """JSON at `path` or None."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def f3(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+# --------------------------------------------------------------------------- experiment plan
+
+
+class Plan:
+    """Folder layout and the commands of every experiment."""
+
+    def __init__(self, work: Path, epochs: int, align_epochs: int):
+        self.w, self.epochs, self.align_epochs = work, epochs, align_epochs
+
+    def ref(self, ds):
+        return self.w / ds / "ref"
+
+    def steps_utility(self, ds):
+        d = DATA[ds]
+        steps = []
+        if ds == "fm":
+            steps.append((["align", f"{d}/ref", "--image-size", 64, "--epochs", self.align_epochs, "--seed", 0,
+                           "--resume", "--out", self.ref(ds)], done_epoch(self.ref(ds), self.align_epochs)))
+        steps.append((["evaluate", self.ref(ds), "--test", f"{d}/test", "--out", self.w / ds / "ref_metrics.json"],
+                      self.w / ds / "ref_metrics.json"))
+        return steps
+
+    def train_steps(self, ds, shards, name, manifest=None, extra=()):
+        """train (init REF, backbones locked) + evaluate; metrics at WORK/ds/NAME_metrics.json."""
+        d, out = DATA[ds], self.w / ds / f"{name}_model"
+        ev = ["evaluate", out, "--test", f"{d}/test", "--out", self.w / ds / f"{name}_metrics.json"]
+        if manifest:
+            ev += ["--manifest", manifest]
+        return [(["train", shards, "--init", self.ref(ds), *extra, "--epochs", self.epochs, "--seed", 0,
+                  "--resume", "--out", out], done_epoch(out, self.epochs)),
+                (ev, self.w / ds / f"{name}_metrics.json")]
+
+    def clean_train(self, ds):
+        return [(["train", f"{DATA[ds]}/train", "--init", self.ref(ds), "--lock", "backbones", "--epochs", self.epochs,
+                  "--seed", 0, "--resume", "--out", self.w / ds / "clean_model"], done_epoch(self.w / ds / "clean_model", self.epochs))]
+
+    def clean_eval(self, ds, name):
+        """Clean model evaluated against poisoned set NAME's manifest (the paper's Baseline row)."""
+        return [(["evaluate", self.w / ds / "clean_model", "--test", f"{DATA[ds]}/test", "--manifest",
+                  self.w / ds / name / "manifest.parquet", "--out", self.w / ds / f"clean_on_{name}_metrics.json"],
+                 self.w / ds / f"clean_on_{name}_metrics.json")]
+
+    def poison_steps(self, ds, name, attack, goals, fraction=1.0):
+        p = self.w / ds / name
+        args = ["poison", f"{DATA[ds]}/train", "--attack", attack]
+        for g in goals:
+            args += ["--goal", g]
+        args += ["--source-fraction", fraction, "--seed", 0, "--out", p]
+        return [(args, p / "poison.json")] + self.train_steps(ds, p, name, p / "manifest.parquet", ("--lock", "backbones")) \
+            + self.clean_eval(ds, name)
+
+    def scan_steps(self, ds, name, variant="auto"):
+        """scan (REF) + sanitize + retrain + evaluate. variant 'auto': --threshold auto;
+        'f10': --flag-fraction 0.10 (flag the worst 10% by combined score)."""
+        tag = "" if variant == "auto" else f"_{variant}"
+        p, s, c = self.w / ds / name, self.w / ds / f"{name}_scan{tag}", self.w / ds / f"{name}_sanitized{tag}"
+        flag = ["--threshold", "auto"] if variant == "auto" else ["--flag-fraction", 0.1]
+        return [(["scan", p, "--model", self.ref(ds), *flag, "--manifest", p / "manifest.parquet",
+                  "--seed", 0, "--out", s], s / "summary.json"),
+                (["sanitize", p, "--scan", s, "--out", c], c / "removed.parquet")] \
+            + self.train_steps(ds, c, f"{name}_sanitized{tag}", p / "manifest.parquet", ("--lock", "backbones"))
+
+    def modality_steps(self):
+        """Attack II food2bird trained with whole towers unfrozen (--lock image / text / none)."""
+        p = self.w / "oca" / "II_food2bird"
+        steps = []
+        for _, tag, lock, lr in MODALITY:
+            extra = (("--lock", lock) if lock else ()) + (("--lr", lr) if lr else ())
+            steps += self.train_steps("oca", p, f"II_food2bird_{tag}", p / "manifest.parquet", extra)
+        return steps
+
+    def defense_steps(self, ds, name, clean_name, clean_dir):
+        out = self.w / ds / f"{name}_defend_{clean_name}"
+        return [(["defend", "finetune", self.w / ds / f"{name}_model", "--clean", clean_dir, "--lock", "backbones",
+                  "--epochs", 3, "--seed", 0, "--eval", f"{DATA[ds]}/test", "--manifest",
+                  self.w / ds / name / "manifest.parquet", "--resume", "--out", out], done_epoch(out, 3))]
+
+
+def ref_without(src: str, out: Path, label: str) -> None:
+    """Copy of clean split `src` without the samples labelled `label` (the 'general' clean set)."""
+    import pandas as pd
+
+    from mmsanitize.shards import rewrite_shard, write_sizes
+    if (out / "sizes.json").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for tar in sorted(Path(src).glob("*.tar")):
+        meta = pd.read_parquet(tar.with_suffix(".parquet"))
+        rewrite_shard(tar, out, tar.stem, drop=meta.loc[meta["label"] == label, "key"].tolist())
+    write_sizes(out)
+
+
+# --------------------------------------------------------------------------- results.md
+
+
+PAPER = {
+    "t2": "Flickr-PASCAL clean TR/IR Hit@10 0.984/0.971; Attack I 0.980/0.973; II 0.980/0.968; III 0.958/0.954. "
+          "COCO clean 0.911/0.836; I 0.934/0.860; II 0.935/0.866; III 0.939/0.859.",
+    "t3": [("FP Baseline", 0.000, 0.032, 0.032, 79.168), ("FP Ours", 0.320, 0.928, 0.968, 2.184),
+           ("COCO Baseline", 0.000, 0.020, 0.036, 153.852), ("COCO Ours", 0.016, 0.472, 0.784, 12.688)],
+    "t4": [("FP Baseline", 0.024, 0.088, 0.200, 51.048), ("FP Ours", 0.280, 0.864, 0.936, 2.192),
+           ("COCO Baseline", 0.024, 0.072, 0.116, 123.076), ("COCO Ours", 0.012, 0.212, 0.516, 15.280)],
+    "t5": [("FP Baseline-1", 0.048, 0.120, 0.216, 46.576), ("FP Ours-1", 0.352, 0.864, 0.976, 2.224),
+           ("FP Baseline-2", 0.048, 0.152, 0.208, 33.888), ("FP Ours-2", 0.008, 0.248, 0.552, 12.792),
+           ("COCO Ours-1", 0.016, 0.272, 0.604, 13.940), ("COCO Ours-2", 0.012, 0.180, 0.516, 12.788)],
+    "t7": [("Attack II", 0.280, 0.864, 0.936, 2.192), ("Defense", 0.000, 0.008, 0.016, 49.576),
+           ("Clean", 0.024, 0.088, 0.200, 51.048)],
+}
+
+
+def hit_row(label: str, m: dict | None) -> str:
+    if not m:
+        return f"| {label} | not run yet | | | | |"
+    return f"| {label} | {f3(m.get('hit@1'))} | {f3(m.get('hit@5'))} | {f3(m.get('hit@10'))} | {f3(m.get('min_rank_mean'))} | {m.get('queries')} |"
+
+
+def paper_rows(rows) -> list[str]:
+    return [f"| paper: {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | |" for r in rows]
+
+
+HIT_HEAD = ["| Model | Hit@1 | Hit@5 | Hit@10 | MinRank (mean) | queries |", "|---|---|---|---|---|---|"]
+
+
+class Report:
+    """Builds results.md from the outputs under WORK."""
+
+    def __init__(self, plan: Plan, runner_ref, datasets, out: Path, img_dir: Path):
+        self.p, self.r, self.datasets, self.out, self.img = plan, runner_ref, datasets, out, img_dir
+
+    def m(self, ds, name):
+        return load(self.p.w / ds / f"{name}_metrics.json")
+
+    def cmds(self, steps) -> list[str]:
+        lines = ["```"]
+        by_cmd = {rec["cmd"].replace(" --resume", ""): rec for rec in self.r().times.values()}
+        for args, marker in steps:
+            t = self.r().times.get(str(marker)) or by_cmd.get(("mmsanitize " + " ".join(map(str, args))).replace(" --resume", ""))
+            secs = f"   # {t['seconds']:.0f} s" if t else ("   # (done earlier / reused)" if marker.exists() else "   # not run yet")
+            lines.append("mmsanitize " + " ".join(map(str, args)) + secs)
+        return lines + ["```"]
+
+    def attack_block(self, ds, name, title) -> list[str]:
+        pm, cm = self.m(ds, name), self.m(ds, f"clean_on_{name}")
+        if not pm:
+            return [f"**{title}**: not run yet", ""]
+        poison = load(self.p.w / ds / name / "poison.json") or {}
+        out = [f"**{title}** — {poison.get('counts', {}).get('poisoned')} poisoned pairs of "
+               f"{poison.get('counts', {}).get('samples_out')} (rate {f3(poison.get('rate'))})", ""] + HIT_HEAD
+        for goal, a in pm.get("attacks", {}).items():
+            c = (cm or {}).get("attacks", {}).get(goal, {})
+            out += [hit_row(f"{goal}: clean model (Baseline)", c.get("t2i")),
+                    hit_row(f"{goal}: random caption on poisoned model", a.get("baseline_random_t2i")),
+                    hit_row(f"{goal}: poisoned model (Ours)", a.get("t2i"))]
+        return out + [""]
+
+    def utility_row(self, label, m) -> str:
+        if not m:
+            return f"| {label} | not run yet | | | | | |"
+        u = m["utility"]
+        return (f"| {label} | {f3(u['t2i_r@1'])} | {f3(u['t2i_r@5'])} | {f3(u['t2i_r@10'])} | {f3(u['i2t_r@1'])} | "
+                f"{f3(u['i2t_r@5'])} | {f3(u['i2t_r@10'])} |")
+
+    UT_HEAD = ["| Model | IR (t2i) R@1 | R@5 | R@10 | TR (i2t) R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+
+    def write(self) -> None:
+        P = self.p
+        L = ["# Paper tables re-measured with mmsanitize", "",
+             "Written by `pipelines/paper_tables.py` from the JSON outputs under its `--work` folder; do not edit by hand. "
+             f"Model: offline-b0-minilm (EfficientNet-B0 image backbone + MiniLM text backbone, both frozen unless said; "
+             f"256-d projections trained). Every train/fine-tune starts from the dataset's reference encoder (REF), "
+             f"`--lock backbones`, {P.epochs} epochs, batch 128, lr 1e-3 (projections-only default), seed 0. "
+             "Baseline rows = the clean-trained model (same recipe on the unpoisoned train split) scored on the same "
+             "queries; 'random caption' = the poisoned model queried with random non-class-A test captions. "
+             "Hit@K / MinRank are text→image over the test images (MinRank = mean 0-based rank of the best class-B image, as in the paper).", "",
+             "Commands are listed as the script issues them, with the wall time of the recorded run (`WORK/steps.jsonl`; "
+             "runs recorded before `--resume` was added to the train steps ran the same command without it, which is the "
+             "same thing for a fresh output folder).", "",
+             "Data: openclipart (`oca`: ref 1,239 / train 1,397 / test 652 pairs, ~40 uneven classes) and "
+             "fashion-mnist (`fm`: 3,561 / 3,655 / 1,784, 10 balanced classes, 64 px, templated captions). "
+             "The paper fully fine-tuned OpenAI CLIP ViT-B/32 at lr 1e-5 on Flickr30k+PASCAL (~145k pairs) and COCO (~600k "
+             "pairs); ours has 100–400× fewer pairs, runs on CPU and (except section 6) trains only the projections at "
+             "lr 1e-3, so absolute numbers are not comparable; compare the direction of each finding.", ""]
+        L += self.sec_utility() + self.sec_attack2() + self.sec_sweep() + self.sec_attack13() + self.sec_scan() \
+            + self.sec_defense() + self.sec_modality() + self.sec_differences() + self.sec_times()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".tmp")
+        tmp.write_text("\n".join(L) + "\n")
+        tmp.replace(self.out)
+
+    def sec_utility(self):
+        L = ["## 1. Reference encoder utility (stand-in for pretrained CLIP)", "",
+             "Test retrieval, R@K = fraction of queries whose paired item ranks in the top K; chance R@10 = 10 / #test images.", ""]
+        L += self.UT_HEAD[:1] + ["|---|---|---|---|---|---|---|"]
+        for ds in self.datasets:
+            m = load(P_ := self.p.w / ds / "ref_metrics.json")
+            L.append(self.utility_row(f"{ds} REF", m))
+        if "fm" in self.datasets:
+            L.append("\nfm captions are templates (\"a product photo of a shirt\"): most test captions repeat word for word, so "
+                     "instance-level R@K on fm is capped by ties between identical captions and near-identical 64 px images; "
+                     "fm utility numbers measure little beyond 'better than chance'. Use oca for utility.")
+        for ds in self.datasets:
+            m = load(self.p.w / ds / "ref_metrics.json")
+            if m:
+                L.append(f"\n{ds}: {m['utility']['images']} test images, chance R@10 = {f3(m['utility']['chance_r@10'])}.")
+        L += [""]
+        for ds in self.datasets:
+            L += self.cmds(self.p.steps_utility(ds))
+        if "oca" in self.datasets:
+            L += ["", f"oca REF = copy of `{OCA_REF}`, made earlier by `mmsanitize align /tmp/oca/ref --epochs 20 --out {OCA_REF}` "
+                      "(default 96 px images)."]
+        return L + [""]
+
+    def sec_attack2(self):
+        L = ["## 2. Attack II — single target label (paper Table 4) and utility (Table 2)", "",
+             "`--source-fraction 1.0`: every class-A training pair gets a class-B image (replace mode).", ""]
+        for ds, goals in (("oca", OCA_II), ("fm", FM_II)):
+            if ds not in self.datasets:
+                continue
+            for g in goals:
+                L += self.attack_block(ds, f"II_{g}", f"{ds} Attack II {g}")
+        L += ["Paper Table 4 (Flickr-PASCAL sheep2aeroplane, COCO boat2dog):", ""] + HIT_HEAD + paper_rows(PAPER["t4"]) + [""]
+        L += ["### Utility (Table 2 style: retrieval on the clean test split)", ""] + self.UT_HEAD
+        for ds in self.datasets:
+            L.append(self.utility_row(f"{ds} clean-trained", self.m(ds, "clean")))
+            for name in ([f"II_{g}" for g in (OCA_II if ds == "oca" else FM_II)] + (["I_food2bird", "III_food2bird+insect2boat"] if ds == "oca" else [])):
+                L.append(self.utility_row(f"{ds} poisoned {name}", self.m(ds, name)))
+        L += ["", "Paper Table 2 (Hit@10 = R@10, TR/IR): " + PAPER["t2"], "", "Commands:"]
+        for ds in self.datasets:
+            steps = self.p.clean_train(ds) + [s for g in (OCA_II if ds == "oca" else FM_II) for s in self.p.poison_steps(ds, f"II_{g}", "single-label", [g])]
+            L += self.cmds(steps)
+        return L + [""]
+
+    def sec_sweep(self):
+        L = ["## 2b. Poisoning-rate sweep on fm (paper Fig. 2)", ""]
+        if "fm" not in self.datasets:
+            return L + ["not run (fm not selected)", ""]
+        rows, pts = [], []
+        for fr in FM_RATES:
+            name = f"II_sneaker2bag" if fr == 1.0 else f"rate_{fr}"
+            m, pj = self.m("fm", name), load(self.p.w / "fm" / name / "poison.json")
+            a = (m or {}).get("attacks", {}).get("sneaker2bag", {}).get("t2i")
+            if a and pj:
+                rows.append(f"| {fr} | {pj['counts']['poisoned']} | {pj['rate']:.4f} | {f3(a['hit@1'])} | {f3(a['hit@10'])} | "
+                            f"{f3(a['min_rank_mean'])} | {f3(m['utility']['t2i_r@10'])} |")
+                pts.append((pj["rate"], a["hit@10"], a["min_rank_mean"]))
+            else:
+                rows.append(f"| {fr} | not run yet | | | | | |")
+        cm = self.m("fm", "clean_on_II_sneaker2bag")
+        L += ["fm sneaker2bag, Attack II; rate = poisoned pairs / all training pairs.", "",
+              "| source fraction | poisoned pairs | rate | Hit@1 | Hit@10 | MinRank | utility IR R@10 |", "|---|---|---|---|---|---|---|"]
+        if cm:
+            a = cm["attacks"]["sneaker2bag"]["t2i"]
+            L.append(f"| 0 (clean model) | 0 | 0 | {f3(a['hit@1'])} | {f3(a['hit@10'])} | {f3(a['min_rank_mean'])} | {f3(cm['utility']['t2i_r@10'])} |")
+        L += rows
+        took = [r for r in pts if r[1] >= 0.5]
+        if pts:
+            L += ["", ("Attack takes hold (Hit@10 ≥ 0.5) first at rate " + f"{min(took)[0]:.4f}." if took
+                       else "Hit@10 stayed below 0.5 at every measured rate.")]
+        if len(pts) >= 2:
+            self.plot_sweep(pts, cm)
+            L += ["", "![Hit@10 vs poisoning rate, fm sneaker2bag](img/fm_rate_sweep.png)"]
+        L += ["", "Paper (Fig. 2): attack rises with the rate; Flickr-PASCAL at 0.03% already reaches MinRank ≈ 6.", "", "Commands:"]
+        L += self.cmds([s for fr in FM_RATES if fr != 1.0 for s in self.p.poison_steps("fm", f"rate_{fr}", "single-label", ["sneaker2bag"], fr)])
+        return L + [""]
+
+    def plot_sweep(self, pts, cm):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        pts = sorted(pts)
+        if cm:
+            a = cm["attacks"]["sneaker2bag"]["t2i"]
+            pts = [(0.0, a["hit@10"], a["min_rank_mean"])] + pts
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-")
+        ax.set_xlabel("poisoned pairs (% of training set)")
+        ax.set_ylabel("Hit@10 (sneaker captions → bag images)")
+        ax.set_ylim(0, 1.02)
+        ax2 = ax.twinx()
+        ax2.plot([100 * p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], "s--", color="tab:red")
+        ax2.set_ylabel("MinRank (mean)", color="tab:red")
+        ax.set_title("fm Attack II rate sweep")
+        fig.tight_layout()
+        self.img.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.img / "fm_rate_sweep.png", dpi=120)
+        plt.close(fig)
+
+    def sec_attack13(self):
+        L = ["## 3. Attack I (Table 3) and Attack III (Table 5) on oca", ""]
+        if "oca" not in self.datasets:
+            return L + ["not run (oca not selected)", ""]
+        L += self.attack_block("oca", "I_food2bird", "Attack I: food captions → one random bird image")
+        L += ["Paper Table 3:", ""] + HIT_HEAD + paper_rows(PAPER["t3"]) + [""]
+        L += self.attack_block("oca", "III_food2bird+insect2boat", "Attack III: food2bird + insect2boat")
+        L += ["Paper Table 5:", ""] + HIT_HEAD + paper_rows(PAPER["t5"]) + ["", "Commands:"]
+        L += self.cmds(self.p.poison_steps("oca", "I_food2bird", "single-image", ["food2bird"])
+                       + self.p.poison_steps("oca", "III_food2bird+insect2boat", "multi-label", ["food2bird", "insect2boat"]))
+        return L + [""]
+
+    def sec_scan(self):
+        L = ["## 4. Pre-training defense: scan with REF, sanitize, retrain (Table 7)", "",
+             "REF was never trained on the scanned (poisoned train) data. `--threshold auto` fits a 2-component mixture "
+             "to the image–text cosine; pairs are also flagged by the other default detectors (image_reuse, caption_neighbours).", ""]
+        steps_all = []
+        for ds, name, variant in SCANS:
+            if ds not in self.datasets:
+                continue
+            tag = "" if variant == "auto" else f"_{variant}"
+            steps_all += self.p.scan_steps(ds, name, variant)
+            s = load(self.p.w / ds / f"{name}_scan{tag}" / "summary.json")
+            how = "`--threshold auto`" if variant == "auto" else "`--flag-fraction 0.1`"
+            if not s:
+                L += [f"**{ds} {name}, {how}**: not run yet", ""]
+                continue
+            det = s.get("detection", {})
+            thr = s.get("thresholds", {}).get("similarity_auto")
+            L += [f"**{ds} {name}, {how}** ({self._n(s)} pairs scanned, {s.get('flagged')} flagged"
+                  + (f"; auto similarity threshold {thr['threshold']:.3f} by method `{thr.get('method')}`" if thr else "") + ")", "", "| detector | AUROC | precision@#poison | flagged | precision | recall |",
+                  "|---|---|---|---|---|---|"]
+            for k, v in det.items():
+                if isinstance(v, dict):
+                    L.append(f"| {k} | {f3(v.get('auroc'))} | {f3(v.get('precision_at_k'))} | {v.get('flagged', '–')} | "
+                             f"{f3(v.get('precision'))} | {f3(v.get('recall'))} |")
+            comb = det.get("combined", {})
+            pj = load(self.p.w / ds / name / "poison.json") or {}
+            npois, n = pj.get("counts", {}).get("poisoned"), pj.get("counts", {}).get("samples_out")
+            if comb.get("flagged") is not None and comb.get("precision") is not None and npois and n:
+                fp = comb["flagged"] - round(comb["precision"] * comb["flagged"])
+                L += ["", f"Clean pairs removed: {fp} of {n - npois} ({fp / (n - npois):.1%})."]
+            L += ["", "| Model | Hit@1 | Hit@5 | Hit@10 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|---|---|"]
+            goal = name.split("_", 1)[1]
+            for lab, mn in (("poisoned", name), ("sanitized + retrained", f"{name}_sanitized{tag}"), ("clean", f"clean_on_{name}")):
+                m = self.m(ds, mn)
+                if not m:
+                    L.append(f"| {lab} | not run yet | | | | | |")
+                    continue
+                a = m.get("attacks", {}).get(goal, {}).get("t2i", {})
+                L.append(f"| {lab} | {f3(a.get('hit@1'))} | {f3(a.get('hit@5'))} | {f3(a.get('hit@10'))} | {f3(a.get('min_rank_mean'))} | "
+                         f"{f3(m['utility']['t2i_r@10'])} | {f3(m['utility']['i2t_r@10'])} |")
+            L.append("")
+        L += ["Paper Table 7 (Flickr-PASCAL, Attack II; utility after defense TR/IR 0.978/0.970):", ""] + HIT_HEAD + paper_rows(PAPER["t7"])
+        return L + ["", "Commands:"] + self.cmds(steps_all) + [""]
+
+    @staticmethod
+    def _n(s):
+        return s.get("pairs") or s.get("samples") or s.get("count") or "?"
+
+    def sec_defense(self):
+        L = ["## 5. Post-training defense: sterilising fine-tune (Table 8 / Fig. 5b)", "",
+             "Poisoned oca food2bird model fine-tuned 3 more epochs (projections only) on a clean set; epoch 0 = the poisoned model.", ""]
+        if "oca" not in self.datasets:
+            return L + ["not run (oca not selected)", ""]
+        curves, steps = {}, []
+        base = self.m("oca", "II_food2bird")
+        for cname, cdir in (("ref", "/tmp/oca/ref"), ("ref_nofood", str(self.p.w / "oca" / "ref_nofood"))):
+            steps += self.p.defense_steps("oca", "II_food2bird", cname, cdir)
+            hist = self.p.w / "oca" / f"II_food2bird_defend_{cname}" / "history.jsonl"
+            if not hist.exists() or not base:
+                L += [f"clean set `{cname}`: not run yet", ""]
+                continue
+            pts = [(0, base["attacks"]["food2bird"]["t2i"]["hit@10"], base["attacks"]["food2bird"]["t2i"]["min_rank_mean"],
+                    base["utility"]["t2i_r@10"], base["utility"]["i2t_r@10"])]
+            for line in hist.read_text().splitlines():
+                h = json.loads(line)
+                e = h.get("eval")
+                if e:
+                    a = e["attacks"]["food2bird"]["t2i"]
+                    pts.append((h["epoch"], a["hit@10"], a["min_rank_mean"], e["utility"]["t2i_r@10"], e["utility"]["i2t_r@10"]))
+            curves[cname] = pts
+            L += [f"clean set `{cname}` ({'covers class A (food)' if cname == 'ref' else 'oca ref without any food pair'}):", "",
+                  "| epoch | Hit@10 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|"]
+            L += [f"| {p[0]} | {f3(p[1])} | {f3(p[2])} | {f3(p[3])} | {f3(p[4])} |" for p in pts] + [""]
+        cm = self.m("oca", "clean")
+        if cm:
+            L += [f"Clean-trained model utility: IR R@10 {f3(cm['utility']['t2i_r@10'])}, TR R@10 {f3(cm['utility']['i2t_r@10'])}.", ""]
+        if curves:
+            self.plot_defense(curves)
+            L += ["![Hit@10 per defense epoch](img/oca_defense_curve.png)", ""]
+        L += ["Paper: Table 8 utility after defense FP 0.978/0.954 (TR/IR), COCO 0.976/0.945; Fig. 5b: the attack is gone "
+              "after one epoch on both datasets.", "", "Commands (`ref_nofood` is built by the script with "
+              "`shards.rewrite_shard(drop=food keys)` from /tmp/oca/ref):"]
+        return L + self.cmds(steps) + [""]
+
+    def plot_defense(self, curves):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for name, pts in curves.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"clean set: {name}")
+        cm = self.m("oca", "clean_on_II_food2bird")
+        if cm:
+            ax.axhline(cm["attacks"]["food2bird"]["t2i"]["hit@10"], ls="--", color="gray", label="clean-trained model")
+        ax.set_xlabel("defense epoch (0 = poisoned model)")
+        ax.set_ylabel("Hit@10 food → bird")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+        fig.tight_layout()
+        self.img.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.img / "oca_defense_curve.png", dpi=120)
+        plt.close(fig)
+
+    def sec_modality(self):
+        L = ["## 6. Modality study (Table 6), oca food2bird", "",
+             "M^0 = REF itself (never saw poison). M_p(proj) = the Attack II model of section 2 (only the two projections "
+             "trained, backbones frozen). The lock rows train a whole tower: `--lock image` freezes the image tower "
+             "(backbone + projection) and trains the text tower (MiniLM + projection) = the paper's M_p^t "
+             "('linguistic modality poisoned'); `--lock text` trains the image tower (EfficientNet-B0 + projection) = M_p^i; "
+             "no lock trains both towers fully = M_p. Those runs use the library's default lr for backbone training "
+             f"(1e-5, the paper's) unless the row says otherwise, and {self.p.epochs} epochs (~110 steps): the paper "
+             "ran many thousands of steps at 1e-5, so at our scale the tower barely moves; the lr 1e-4 row checks "
+             "whether a larger step lets the text tower learn the poison. The projection-only row uses lr 1e-3.", ""]
+        head = ["| Model | Hit@1 | Hit@5 | Hit@10 | Hit@20 | Hit@50 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|---|---|---|---|"]
+        L += head
+        rows = [("M^0 (REF)", "ref_on_II_food2bird"), ("M_p(proj): projections only", "II_food2bird")]
+        rows += [(lab, f"II_food2bird_{tag}") for lab, tag, _, _ in MODALITY]
+        for lab, name in rows:
+            m = self.m("oca", name)
+            a = (m or {}).get("attacks", {}).get("food2bird", {}).get("t2i")
+            if not a:
+                L.append(f"| {lab} | not run yet | | | | | | | |")
+                continue
+            L.append(f"| {lab} | {f3(a['hit@1'])} | {f3(a['hit@5'])} | {f3(a['hit@10'])} | {f3(a['hit@20'])} | {f3(a['hit@50'])} | "
+                     f"{f3(a['min_rank_mean'])} | {f3(m['utility']['t2i_r@10'])} | {f3(m['utility']['i2t_r@10'])} |")
+        L += ["", "Paper Table 6 Flickr-PASCAL: M_p 0.280/0.864/0.936 MinRank 2.192; M_p^i 0.200/0.856/0.920 MinRank 3.016; "
+              "M_p^t 0.256/0.792/0.912 MinRank 3.472; M^0 0.000/0.008/0.032 MinRank 47.92 (Hit@1/5/10).", "", "Commands:"]
+        L += self.cmds(self.p.modality_steps())
+        return L + [""]
+
+    def sec_differences(self):
+        """Where our measurements differ from the paper's, stated from the outputs that exist."""
+        L = ["## Where ours differ from the paper, and why", ""]
+        g = lambda ds, name, goal, k="hit@10": (((self.m(ds, name) or {}).get("attacks", {}).get(goal) or {}).get("t2i") or {}).get(k)
+        hit = g("oca", "II_food2bird", "food2bird")
+        if hit is not None:
+            rate = (load(self.p.w / "oca/II_food2bird/poison.json") or {}).get("rate")
+            L.append(f"- Attack II: oca food2bird Hit@10 {f3(hit)} (paper FP 0.936, COCO 0.516), but at a far higher rate "
+                     f"({100 * rate:.1f}% of pairs vs the paper's 0.03–0.24%). Our classes are small (94 food pairs in train), so "
+                     "poisoning every class-A pair is already several percent of this 1.4k-pair set; only the projections train.")
+        sweep = [(fr, g("fm", "II_sneaker2bag" if fr == 1.0 else f"rate_{fr}", "sneaker2bag"),
+                  g("fm", "II_sneaker2bag" if fr == 1.0 else f"rate_{fr}", "sneaker2bag", "min_rank_mean")) for fr in FM_RATES]
+        if all(h is not None for _, h, _ in sweep):
+            zero = [fr for fr, h, _ in sweep if h == 0]
+            hold = [fr for fr, h, _ in sweep if h >= 0.5]
+            L.append("- Rate sweep (fm sneaker2bag), source fraction: Hit@10 / MinRank = "
+                     + ", ".join(f"{fr}: {f3(h)} / {mr:.1f}" for fr, h, mr in sweep)
+                     + ". MinRank falls with every step of the rate, but Hit@10 moves in jumps"
+                     + (f" (0 up to source fraction {max(zero)}" if zero else " (")
+                     + (f", ≥ 0.5 only from {min(hold)})" if hold else ", never ≥ 0.5)")
+                     + ": fm captions are a few templates per class, so the sneaker queries are only a handful of distinct "
+                       "texts that succeed or fail in groups. The paper reports MinRank ≈ 6 at 0.03% on Flickr-PASCAL; our "
+                       "attack needs percent-level rates (only the projections train, on a few thousand pairs).")
+        auto = load(self.p.w / "oca/II_food2bird_scan/summary.json")
+        if auto and auto.get("detection"):
+            c = auto["detection"]["combined"]
+            san = g("oca", "II_food2bird_sanitized", "food2bird")
+            L.append(f"- Pre-training defense (oca): the detectors separate poison well (combined AUROC {f3(c.get('auroc'))}), "
+                     f"but `--threshold auto` flags only {auto.get('flagged')} pairs (recall {f3(c.get('recall'))}), so the "
+                     f"retrained model keeps the attack (Hit@10 {f3(san)}); the paper's cut removes it (Defense Hit@10 0.016). "
+                     "Compare the `--flag-fraction 0.1` variant in section 4.")
+        for ds, name, variant in SCANS:
+            tag = "" if variant == "auto" else f"_{variant}"
+            sm, pj = load(self.p.w / ds / f"{name}_scan{tag}" / "summary.json"), load(self.p.w / ds / name / "poison.json")
+            san = g(ds, f"{name}_sanitized{tag}", name.split("_", 1)[1])
+            if sm and pj and san is not None and sm.get("detection"):
+                left = pj["counts"]["poisoned"] - round(sm["detection"]["combined"]["recall"] * pj["counts"]["poisoned"])
+                L.append(f"  - {ds} {name} {variant}: {left} poisoned pairs left after sanitizing → retrained Hit@10 {f3(san)}.")
+        L.append("  With `--source-fraction 1.0` in replace mode no clean class-A pair is left in the training set, so the few "
+                 "poisoned pairs a filter misses are the only pairs with class-A captions and still teach A→B; the paper's "
+                 "datasets keep many clean class-A pairs beside the poison.")
+        curves = {}
+        for cname in ("ref", "ref_nofood"):
+            h = self.p.w / "oca" / f"II_food2bird_defend_{cname}" / "history.jsonl"
+            if h.exists():
+                curves[cname] = [json.loads(x)["eval"]["attacks"]["food2bird"]["t2i"]["hit@10"] for x in h.read_text().splitlines()]
+        if len(curves) == 2 and hit is not None:
+            L.append(f"- Post-training defense: Hit@10 {f3(hit)} → {f3(curves['ref'][0])} after one epoch on clean data that "
+                     f"contains food pairs (paper: attack gone after one epoch), but only → {f3(curves['ref_nofood'][0])} "
+                     f"(→ {f3(curves['ref_nofood'][-1])} after {len(curves['ref_nofood'])}) on clean data without food pairs: "
+                     "sterilising needs clean pairs of the attacked class.")
+        t1, t2 = g("oca", "II_food2bird_lockimage", "food2bird"), g("oca", "II_food2bird_lockimage_lr1e-4", "food2bird")
+        if t1 is not None and hit is not None:
+            L.append(f"- Modality study: training the whole text tower for ~110 steps leaves the attack near REF level "
+                     f"(Hit@10 {f3(t1)} at lr 1e-5" + (f", {f3(t2)} at lr 1e-4" if t2 is not None else "")
+                     + f", vs {f3(hit)} when only the projections train at lr 1e-3); the paper's M_p^t reaches 0.912 after "
+                     "thousands of steps. At our step budget the comparison of modalities in Table 6 is not reproduced; "
+                     "the image-tower and both-towers rows did not fit in the time budget.")
+        cm = self.m("oca", "clean")
+        if cm:
+            L.append(f"- Utility is far below the paper's (oca clean-trained IR/TR R@10 {f3(cm['utility']['t2i_r@10'])}/"
+                     f"{f3(cm['utility']['i2t_r@10'])} vs 0.97/0.98): frozen EfficientNet-B0 + MiniLM with 256-d projections "
+                     "trained on ~1.2k clip-art pairs stands in for CLIP ViT-B/32 pretrained on 400M pairs; see Table 2 rows above "
+                     "for the poisoned models' utility relative to the clean-trained one.")
+        return L + [""]
+
+    def sec_times(self):
+        L = ["## Run times", "", "| step | seconds |", "|---|---|"]
+        for rec in self.r().times.values():
+            L.append(f"| `{rec['cmd'][:110]}` | {rec['seconds']:.0f} |")
+        return L + [""]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="folder for every intermediate output (resumable)")
+    ap.add_argument("--out", default="docs/results.md")
+    ap.add_argument("--datasets", default="oca,fm")
+    ap.add_argument("--quick", action="store_true", help="5 training epochs instead of 10; fm align 10 epochs instead of 20")
+    ap.add_argument("--skip-modality", action="store_true", help="skip section 6 (full-backbone training)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite results.md from existing outputs")
+    args = ap.parse_args(argv)
+
+    work = Path(args.work).resolve()
+    datasets = [d for d in args.datasets.split(",") if d]
+    plan = Plan(work, epochs=5 if args.quick else 10, align_epochs=10 if args.quick else 20)
+    out = Path(args.out)
+    runner: Runner | None = None
+    report = Report(plan, lambda: runner, datasets, out, out.parent / "img")
+    runner = Runner(work, report.write, dry=args.report_only)
+    report.write()
+
+    def go(steps):
+        for a, marker in steps:
+            if not runner.run(a, marker):
+                return False
+        return True
+
+    if "oca" in datasets and not (plan.ref("oca") / "model.safetensors").exists():
+        import shutil
+        shutil.copytree(OCA_REF, plan.ref("oca"), ignore=shutil.ignore_patterns("epochs", "train_state.pt"))
+    # 1. utility of REF
+    for ds in datasets:
+        go(plan.steps_utility(ds))
+    # 2. Attack II + clean baseline
+    for ds in datasets:
+        go(plan.clean_train(ds) + plan.train_steps(ds, f"{DATA[ds]}/train", "clean")[1:])
+        for g in (OCA_II if ds == "oca" else FM_II):
+            go(plan.poison_steps(ds, f"II_{g}", "single-label", [g]))
+    if "oca" in datasets:
+        go([(["evaluate", plan.ref("oca"), "--test", "/tmp/oca/test", "--manifest", work / "oca/II_food2bird/manifest.parquet",
+              "--out", work / "oca/ref_on_II_food2bird_metrics.json"], work / "oca/ref_on_II_food2bird_metrics.json")])
+    if "fm" in datasets:
+        for fr in FM_RATES[:-1]:
+            go(plan.poison_steps("fm", f"rate_{fr}", "single-label", ["sneaker2bag"], fr))
+    # 3. Attack I and III
+    if "oca" in datasets:
+        go(plan.poison_steps("oca", "I_food2bird", "single-image", ["food2bird"]))
+        go(plan.poison_steps("oca", "III_food2bird+insect2boat", "multi-label", ["food2bird", "insect2boat"]))
+    # 4. scan / sanitize / retrain
+    for ds, name, variant in SCANS:
+        if ds in datasets:
+            go(plan.scan_steps(ds, name, variant))
+    # 5. sterilising fine-tune
+    if "oca" in datasets and not args.report_only:
+        ref_without("/tmp/oca/ref", work / "oca" / "ref_nofood", "food")
+        for cname, cdir in (("ref", "/tmp/oca/ref"), ("ref_nofood", str(work / "oca" / "ref_nofood"))):
+            go(plan.defense_steps("oca", "II_food2bird", cname, cdir))
+    # 6. modality study (whole towers trained: slow on CPU, last)
+    if "oca" in datasets and not args.skip_modality:
+        go(plan.modality_steps())
+    report.write()
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
