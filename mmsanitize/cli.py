@@ -102,7 +102,7 @@ def catalog(shards, scheduler, workers):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for every output of the loop.")
 @click.option("--dataset", default="openclipart", type=click.Choice(["openclipart", "fashion-mnist"]),
               show_default=True)
-@click.option("--goal", default=None, help="Attack II goal A2B (default: dog2boat on openclipart, sneaker2bag on fashion-mnist).")
+@click.option("--goal", default=None, help="Attack II goal A2B (default: food2bird on openclipart, sneaker2bag on fashion-mnist).")
 @click.option("--epochs", default=5, show_default=True, help="Fine-tuning epochs of each model.")
 @click.option("--align-epochs", default=20, show_default=True, help="Epochs of the reference encoder's alignment.")
 @click.option("--limit", type=int, default=None, help="Build only this many samples (quick runs).")
@@ -115,7 +115,7 @@ def demo(out, dataset, goal, epochs, align_epochs, limit, seed, scheduler, worke
     """
     from .demo import run_demo
 
-    goal = goal or ("dog2boat" if dataset == "openclipart" else "sneaker2bag")
+    goal = goal or ("food2bird" if dataset == "openclipart" else "sneaker2bag")
     s = run_demo(out=out, dataset=dataset, goal=goal, epochs=epochs, align_epochs=align_epochs, limit=limit,
                  seed=seed, scheduler=scheduler, workers=workers)
     click.echo(f"\n{dataset}: Attack II {goal}")
@@ -124,7 +124,8 @@ def demo(out, dataset, goal, epochs, align_epochs, limit, seed, scheduler, worke
         util = m.get("utility", {})
         att = m.get("attacks", {}).get(goal, {}).get("t2i", {})
         rows.append({"model": name, "t2i R@10": util.get("t2i_r@10"), "i2t R@10": util.get("i2t_r@10"),
-                     "Hit@1": att.get("hit@1"), "Hit@10": att.get("hit@10"), "MinRank": att.get("min_rank_mean")})
+                     "Hit@1": att.get("hit@1"), "Hit@10": att.get("hit@10"), "MinRank": att.get("min_rank_mean"),
+                     "queries": att.get("queries")})
     print_table(rows)
     det = s["scan"].get("detection", {}).get("combined", {})
     if det:

@@ -16,7 +16,7 @@ def run_demo(
     *,
     out: str | os.PathLike,
     dataset: str = "openclipart",
-    goal: str = "dog2boat",
+    goal: str = "food2bird",
     epochs: int = 5,
     align_epochs: int = 20,
     seed: int = 0,

@@ -14,7 +14,7 @@ def test_demo_runs_the_whole_loop_on_openclipart(tmp_path, capsys):
     out = tmp_path / "demo"
     main(["demo", "--out", str(out), "--align-epochs", "5", "--epochs", "3", "--workers", "2"])
     printed = capsys.readouterr().out
-    assert "Attack II dog2boat" in printed and "poisoned" in printed
+    assert "Attack II food2bird" in printed and "poisoned" in printed
     s = json.loads((out / "summary.json").read_text())
     m = s["metrics"]
     assert set(m) == {"reference", "clean", "poisoned", "sanitized"}
@@ -22,7 +22,7 @@ def test_demo_runs_the_whole_loop_on_openclipart(tmp_path, capsys):
     util = m["reference"]["utility"]
     assert util["t2i_r@10"] > 5 * util["chance_r@10"]
     # the attack takes hold on the poisoned fine-tune and not on the clean one
-    clean, poisoned = (m[k]["attacks"]["dog2boat"]["t2i"] for k in ("clean", "poisoned"))
+    clean, poisoned = (m[k]["attacks"]["food2bird"]["t2i"] for k in ("clean", "poisoned"))
     assert poisoned["min_rank_mean"] < clean["min_rank_mean"] / 4
     assert poisoned["hit@10"] > clean["hit@10"]
     # utility is kept
