@@ -289,6 +289,8 @@ def _print_train(result):
 @click.option("--init", default=None, help="Start from this checkpoint directory (overrides --model).")
 @click.option("--lock", type=click.Choice(["image", "text", "backbones"]), default=None,
               help="Freeze a whole tower (embeddings and projection included) or all but the projections.")
+@click.option("--head-lr", type=float, default=None,
+              help="Peak learning rate of the projection layers (default: --lr), e.g. 1e-3 beside a 1e-5 backbone.")
 @click.option("--out", required=True, help="Output directory (checkpoints, history.jsonl).")
 @train_options
 def train_cmd(shards, model, init, lock, out, **kw):
@@ -403,11 +405,12 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
 @click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: report precision/recall/AUROC.")
-@click.option("--detectors", default="similarity,image_reuse,caption_neighbours", show_default=True,
+@click.option("--detectors", default="similarity,image_reuse", show_default=True,
               help="Comma list of similarity, image_reuse, caption_neighbours, density (density: use the suspect model).")
 @click.option("--combine", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
-@click.option("--reuse-min", type=int, default=10, show_default=True,
-              help="Flag images shared with at least this many other captions (0 = off).")
+@click.option("--reuse-min", default="auto", show_default=True,
+              help="Flag pairs whose image is shared with at least this many other captions and whose "
+                   "caption fits it worse than the median pair; auto = 1 + the median count (0 = off).")
 @click.option("-k", "--neighbours", "k", type=int, default=10, show_default=True)
 @click.option("--index", "index_kind", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

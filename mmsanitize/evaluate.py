@@ -148,12 +148,28 @@ def attack_metrics(model, meta, img, txt, manifest, *, seed: int = 0) -> dict:
     return results
 
 
+def _class_utility(meta, img, txt, k: int = 10) -> dict:
+    """Class precision@k both ways when every test pair has a label (else {})."""
+    from .metrics import class_precision
+
+    labels = np.array([lb if lb is not None else "" for lb in meta["label"]], dtype=object)
+    if len(labels) == 0 or (labels == "").any():
+        return {}
+    _, first = np.unique(np.asarray(meta["sha256"]), return_index=True)
+    first = np.sort(first)
+    share = np.unique(labels, return_counts=True)[1] / len(labels)
+    return {f"t2i_class_p@{k}": class_precision(txt, img[first], labels, labels[first], k),
+            f"i2t_class_p@{k}": class_precision(img[first], txt, labels[first], labels, k),
+            f"chance_class_p@{k}": float((share ** 2).sum())}
+
+
 def evaluate_model(model, *, test, manifest: str | None = None, workers: int = 0, seed: int = 0) -> dict:
     """Utility (and attack, with `manifest`) metrics of a loaded model on test shards; returns a dict."""
     meta, img, txt = embed_split(model, test, workers=workers)
     out = {"model": model.name, "checkpoint_sha256": model.checkpoint_sha256, "test_pairs": len(txt),
            "utility": retrieval_recall(img, txt, meta["sha256"])}
     out["utility"]["chance_r@10"] = min(1.0, 10 / max(1, out["utility"]["images"]))
+    out["utility"].update(_class_utility(meta, img, txt))
     if manifest:
         out["attacks"] = attack_metrics(model, meta, img, txt, manifest, seed=seed)
     return out

@@ -71,6 +71,18 @@ def topk(queries, gallery, k: int, *, max_elements: int = 1 << 24, device: str =
     return idx, val
 
 
+def class_precision(queries, gallery, query_labels, gallery_labels, k: int = 10, *,
+                    max_elements: int = 1 << 24) -> float:
+    """Mean over queries of the fraction of the top-k gallery items that share the query's label.
+
+    The class-level utility for data whose captions repeat word for word (templated captions):
+    instance Recall@K there is decided by ties between identical captions."""
+    idx, _ = topk(normalize(queries), normalize(gallery), k, max_elements=max_elements)
+    ql = np.asarray(query_labels, dtype=object)[:, None]
+    gl = np.asarray(gallery_labels, dtype=object)[idx]
+    return float((gl == ql).mean()) if len(idx) else 0.0
+
+
 def min_ranks_bruteforce(queries, gallery, query_group, gallery_group) -> np.ndarray:
     """Reference implementation of `min_ranks` on the full score matrix (for tests)."""
     scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T

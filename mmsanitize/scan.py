@@ -8,7 +8,12 @@ and the combined score is their mean (see docs/scanning.md for why mean beats ma
 What is flagged:
   - `threshold`: pairs whose image-text cosine is below it (the paper's filter), `auto` = GMM cut;
   - `flag_fraction`: the worst fraction by combined score (DataComp-style);
-  - `reuse_min`: pairs whose image is shared with ≥ reuse_min other, different captions.
+  - `reuse_min`: pairs whose image is shared with ≥ reuse_min other, different captions *and*
+    whose own image–text cosine is below the median pair's: of the pairs sharing an image, the
+    ones whose caption does not fit it. (Without that second condition the image's original,
+    well-fitting pair is flagged too: measured 7–11% of clean pairs on OpenClipArt and
+    Fashion-MNIST Attack II, against 2.5–5% with it.) `reuse_min="auto"` = 1 + the median
+    count, so a dataset with five captions per image (COCO) needs a sixth caption to fire.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from .shards import (expand_shards, file_fingerprint, json_bytes, shard_stem, wr
                      write_parquet_atomic)
 
 DETECTORS = ("similarity", "image_reuse", "caption_neighbours", "density")
-# density measures the *suspect* model's space; under a reference model it was noise on real data
-# (AUROC 0.50 on OpenClipArt food2bird) and diluted the mean, so it is opt-in.
-DEFAULT_DETECTORS = ("similarity", "image_reuse", "caption_neighbours")
-SCAN_VERSION = 1
+# Measured on OpenClipArt and Fashion-MNIST, Attacks I/II/III (docs/results.md §4): the mean of
+# similarity and image_reuse ranks reached AUROC >= 0.98 everywhere; adding caption_neighbours
+# (AUROC 0.1 on Attack I, where every poisoned caption shares one image and so agrees with its
+# neighbours) or density (≈ 0.5 under a reference model) pulled the combined AUROC down to
+# 0.74–0.96. Both stay available with --detectors.
+DEFAULT_DETECTORS = ("similarity", "image_reuse")
+SCAN_VERSION = 2
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -43,6 +51,19 @@ def parse_threshold(threshold) -> float | str | None:
     if not -1.0 <= t <= 1.0 or math.isnan(t):
         raise UsageError(f"--threshold {t} is outside [-1, 1] (it is a cosine similarity)")
     return t
+
+
+def parse_reuse_min(value) -> int | str:
+    """"auto" or an int >= 0 (0 = the image_reuse rule never fires); raises UsageError otherwise."""
+    if value == "auto":
+        return value
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--reuse-min must be an integer >= 0 or 'auto', not {value!r}") from None
+    if v < 0:
+        raise UsageError(f"--reuse-min must be >= 0, got {v}")
+    return v
 
 
 def rank_normalise(x: np.ndarray) -> np.ndarray:
@@ -157,7 +178,7 @@ def scan(
     manifest: str | os.PathLike | None = None,
     detectors: tuple[str, ...] = DEFAULT_DETECTORS,
     combine: str = "mean",
-    reuse_min: int = 10,
+    reuse_min: int | str = "auto",
     k: int = 10,
     index_kind: str = "auto",
     seed: int = 0,
@@ -181,6 +202,7 @@ def scan(
     from .embed import load_embeddings
 
     threshold = parse_threshold(threshold)
+    reuse_min = parse_reuse_min(reuse_min)
     if threshold is None and flag_fraction is None:
         raise UsageError("give --threshold (a cosine or 'auto') and/or --flag-fraction")
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
@@ -245,9 +267,15 @@ def scan(
             t = float(threshold)
         thresholds["similarity"] = t
         fired["similarity"] = cos < t
+    if reuse_min == "auto":
+        reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
+        thresholds["image_reuse_auto"] = True
     if "image_reuse" in scores and reuse_min > 0:
         thresholds["image_reuse"] = reuse_min
         fired["image_reuse"] = scores["image_reuse"] >= reuse_min
+        if cos is not None:
+            thresholds["image_reuse_cosine_below"] = float(np.median(cos))
+            fired["image_reuse"] &= cos < thresholds["image_reuse_cosine_below"]
     top = None
     if flag_fraction is not None:
         thresholds["flag_fraction"] = flag_fraction
@@ -336,7 +364,9 @@ def _reasons(scores, fired, flagged, top, thresholds) -> list[str]:
             if name == "similarity" and "similarity" in thresholds:
                 parts.append(f"similarity: cos {1 - v:.3f} < {thresholds['similarity']:.3f}")
             elif name == "image_reuse":
-                parts.append(f"image_reuse: image shared with {int(v)} other captions")
+                below = thresholds.get("image_reuse_cosine_below")
+                fit = ", its caption fits it worse than the median pair" if below is not None else ""
+                parts.append(f"image_reuse: image shared with {int(v)} other captions{fit}")
             else:
                 parts.append(f"{name}: {v:.3f} (top {thresholds.get('flag_fraction', 0):.1%})")
         if not parts and top is not None and top[i]:

@@ -234,16 +234,21 @@ def _lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> floa
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _optimizer(model, lr: float, weight_decay: float):
+def _optimizer(model, lr: float, weight_decay: float, head_lr: float | None = None):
+    """AdamW with no weight decay on biases/gains; projections at `head_lr` (each group keeps its
+    ratio to `lr` as "lr_scale" so the schedule moves both)."""
     import torch
 
-    decay, no_decay = [], []
+    heads = model.projection_names() if head_lr is not None else set()
+    groups: dict[tuple, list] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim == 1 or n.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        wd = 0.0 if p.ndim == 1 or n.endswith(".bias") else weight_decay
+        scale = head_lr / lr if n in heads else 1.0
+        groups.setdefault((wd, scale), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": wd, "lr": lr * scale, "lr_scale": scale}
+                              for (wd, scale), ps in sorted(groups.items(), key=lambda kv: kv[0])], lr=lr)
 
 
 def _count_samples(paths) -> int | None:
@@ -270,6 +275,7 @@ def train(
     weight_decay: float = 0.2,
     warmup: int | None = None,
     lock: str | None = None,
+    head_lr: float | None = None,
     seed: int = 0,
     workers: int = 1,
     device: str = "cpu",
@@ -287,7 +293,8 @@ def train(
     freezes the image or text tower, or all but the projections ("backbones"). Writes one
     checkpoint per epoch under `out/epochs/`, the latest in `out/`, `history.jsonl` (loss, lr,
     samples/s and, with `eval_test`, evaluation metrics per epoch). `resume` continues after the
-    last finished epoch. Raises UsageError / ShardError on bad input.
+    last finished epoch. `head_lr` trains the projection layers at their own peak rate (e.g. 1e-3
+    while a tower's backbone fine-tunes at 1e-5). Raises UsageError / ShardError on bad input.
     """
     import torch
     from open_clip.loss import ClipLoss
@@ -322,6 +329,8 @@ def train(
     spec = {"shards": [str(p) for p in paths], "init": init, "model": model if not init else None,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "min_lr": min_lr,
             "weight_decay": weight_decay, "lock": lock, "seed": seed}
+    if head_lr is not None:
+        spec["head_lr"] = head_lr
 
     if cached:
         meta, img_feats, txt_feats = backbone_features(net, paths, workers=workers)
@@ -335,7 +344,7 @@ def train(
         steps_per_epoch = 1
     total_steps = (steps_per_epoch or 100) * epochs  # max_steps stops early without changing the schedule
     warmup = min(100, max(1, total_steps // 10)) if warmup is None else warmup
-    opt = _optimizer(net, lr, weight_decay)
+    opt = _optimizer(net, lr, weight_decay, head_lr)
     use_amp = device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     if state is not None:
@@ -348,7 +357,7 @@ def train(
     def one_step(img_in, txt_in, encode):
         nonlocal step, last_loss
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total_steps, warmup, lr, min_lr)
+            g["lr"] = _lr_at(step, total_steps, warmup, lr, min_lr) * g.get("lr_scale", 1.0)
         with torch.autocast("cuda", enabled=use_amp):
             fi, ft = encode(img_in, txt_in)
             fi = torch.nn.functional.normalize(fi, dim=-1)

@@ -22,17 +22,27 @@ from pathlib import Path
 
 DATA = {"oca": "/tmp/oca", "fm": "/tmp/fm"}
 OCA_REF = "/tmp/mt_exp/ref"  # offline-b0-minilm aligned on /tmp/oca/ref for 20 epochs (same align command)
-OCA_II = ["food2bird", "insect2boat"]
+OCA_II = ["food2bird", "insect2boat", "tools2fruit"]
 FM_II = ["sneaker2bag"]
 FM_RATES = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
-# (dataset, poisoned set, scan variant) for the pre-training defense
-SCANS = [("oca", "II_food2bird", "auto"), ("fm", "II_sneaker2bag", "auto"),
-         ("oca", "II_food2bird", "f10"), ("fm", "II_sneaker2bag", "f10")]
+# Attack I and III per dataset: (name, --attack, goals)
+ATTACKS_13 = {"oca": [("I_food2bird", "single-image", ["food2bird"]),
+                      ("III_food2bird+insect2boat", "multi-label", ["food2bird", "insect2boat"])],
+              "fm": [("I_sneaker2bag", "single-image", ["sneaker2bag"]),
+                     ("III_sneaker2bag+shirt2trouser", "multi-label", ["sneaker2bag", "shirt2trouser"])]}
+# low-rate study: Attack II injected (--mode inject --rate R) beside every clean class-A pair
+INJECT = {"oca": ("food2bird", [0.005, 0.01, 0.02, 0.05]), "fm": ("sneaker2bag", [0.0025, 0.005, 0.01, 0.02, 0.05])}
+# (dataset, poisoned set) for the pre-training defense: scan with REF, sanitize, retrain
+SCANS = [("oca", "II_food2bird"), ("oca", "I_food2bird"), ("oca", "III_food2bird+insect2boat"),
+         ("oca", "inj_food2bird_0.05"), ("fm", "II_sneaker2bag"), ("fm", "I_sneaker2bag"),
+         ("fm", "III_sneaker2bag+shirt2trouser"), ("fm", "inj_sneaker2bag_0.05")]
+ALL_DETECTORS = "similarity,image_reuse,caption_neighbours,density"
 # (row label, name tag, --lock value): whole-tower training for the modality study
-MODALITY = [("M_p^t: text tower trained (--lock image)", "lockimage", "image", None),
-            ("M_p^t: text tower trained (--lock image --lr 1e-4)", "lockimage_lr1e-4", "image", 1e-4),
-            ("M_p^i: image tower trained (--lock text)", "locktext", "text", None),
-            ("M_p: both towers trained (no lock)", "nolock", None, None)]
+MODALITY = [("M_p^t: text tower trained (--lock image)", "lockimage", "image", None, None),
+            ("M_p^t: text tower trained (--lock image --lr 1e-4)", "lockimage_lr1e-4", "image", 1e-4, None),
+            ("M_p^t: text tower trained (--lock image --head-lr 1e-3)", "lockimage_h1e-3", "image", None, 1e-3),
+            ("M_p^i: image tower trained (--lock text --head-lr 1e-3)", "locktext_h1e-3", "text", None, 1e-3),
+            ("M_p: both towers trained (no lock, --head-lr 1e-3)", "nolock_h1e-3", None, None, 1e-3)]
 
 
 def done_epoch(out: Path, epochs: int) -> Path:
@@ -133,32 +143,39 @@ class Plan:
                   self.w / ds / name / "manifest.parquet", "--out", self.w / ds / f"clean_on_{name}_metrics.json"],
                  self.w / ds / f"clean_on_{name}_metrics.json")]
 
-    def poison_steps(self, ds, name, attack, goals, fraction=1.0):
+    def poison_steps(self, ds, name, attack, goals, fraction=1.0, inject_rate=None):
         p = self.w / ds / name
         args = ["poison", f"{DATA[ds]}/train", "--attack", attack]
         for g in goals:
             args += ["--goal", g]
-        args += ["--source-fraction", fraction, "--seed", 0, "--out", p]
+        args += (["--mode", "inject", "--rate", inject_rate] if inject_rate else ["--source-fraction", fraction])
+        args += ["--seed", 0, "--out", p]
         return [(args, p / "poison.json")] + self.train_steps(ds, p, name, p / "manifest.parquet", ("--lock", "backbones")) \
             + self.clean_eval(ds, name)
 
-    def scan_steps(self, ds, name, variant="auto"):
-        """scan (REF) + sanitize + retrain + evaluate. variant 'auto': --threshold auto;
-        'f10': --flag-fraction 0.10 (flag the worst 10% by combined score)."""
-        tag = "" if variant == "auto" else f"_{variant}"
-        p, s, c = self.w / ds / name, self.w / ds / f"{name}_scan{tag}", self.w / ds / f"{name}_sanitized{tag}"
-        flag = ["--threshold", "auto"] if variant == "auto" else ["--flag-fraction", 0.1]
-        return [(["scan", p, "--model", self.ref(ds), *flag, "--manifest", p / "manifest.parquet",
-                  "--seed", 0, "--out", s], s / "summary.json"),
+    def inject_steps(self, ds):
+        goal, rates = INJECT[ds]
+        return [st for r in rates for st in self.poison_steps(ds, f"inj_{goal}_{r}", "single-label", [goal], inject_rate=r)]
+
+    def scan_steps(self, ds, name):
+        """scan with REF (default detectors, --threshold auto), a second scan of the same embeddings
+        with every detector (per-detector report), sanitize, retrain from REF, evaluate."""
+        p, s, c = self.w / ds / name, self.w / ds / f"{name}_scan", self.w / ds / f"{name}_sanitized"
+        sa, man = self.w / ds / f"{name}_scan_all", p / "manifest.parquet"
+        return [(["scan", p, "--model", self.ref(ds), "--threshold", "auto", "--manifest", man, "--seed", 0, "--out", s],
+                 s / "summary.json"),
+                (["scan", p, "--embeddings", s / "embeddings", "--detectors", ALL_DETECTORS, "--threshold", "auto",
+                  "--manifest", man, "--seed", 0, "--out", sa], sa / "summary.json"),
                 (["sanitize", p, "--scan", s, "--out", c], c / "removed.parquet")] \
-            + self.train_steps(ds, c, f"{name}_sanitized{tag}", p / "manifest.parquet", ("--lock", "backbones"))
+            + self.train_steps(ds, c, f"{name}_sanitized", man, ("--lock", "backbones"))
 
     def modality_steps(self):
         """Attack II food2bird trained with whole towers unfrozen (--lock image / text / none)."""
         p = self.w / "oca" / "II_food2bird"
         steps = []
-        for _, tag, lock, lr in MODALITY:
-            extra = (("--lock", lock) if lock else ()) + (("--lr", lr) if lr else ())
+        for _, tag, lock, lr, head_lr in MODALITY:
+            extra = (("--lock", lock) if lock else ()) + (("--lr", lr) if lr else ()) \
+                + (("--head-lr", head_lr) if head_lr else ())
             steps += self.train_steps("oca", p, f"II_food2bird_{tag}", p / "manifest.parquet", extra)
         return steps
 
@@ -248,12 +265,13 @@ class Report:
 
     def utility_row(self, label, m) -> str:
         if not m:
-            return f"| {label} | not run yet | | | | | |"
+            return f"| {label} | not run yet | | | | | | | |"
         u = m["utility"]
         return (f"| {label} | {f3(u['t2i_r@1'])} | {f3(u['t2i_r@5'])} | {f3(u['t2i_r@10'])} | {f3(u['i2t_r@1'])} | "
-                f"{f3(u['i2t_r@5'])} | {f3(u['i2t_r@10'])} |")
+                f"{f3(u['i2t_r@5'])} | {f3(u['i2t_r@10'])} | {f3(u.get('t2i_class_p@10'))} | {f3(u.get('i2t_class_p@10'))} |")
 
-    UT_HEAD = ["| Model | IR (t2i) R@1 | R@5 | R@10 | TR (i2t) R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+    UT_HEAD = ["| Model | IR (t2i) R@1 | R@5 | R@10 | TR (i2t) R@1 | R@5 | R@10 | class P@10 t2i | class P@10 i2t |",
+               "|---|---|---|---|---|---|---|---|---|"]
 
     def write(self) -> None:
         P = self.p
@@ -273,7 +291,7 @@ class Report:
              "The paper fully fine-tuned OpenAI CLIP ViT-B/32 at lr 1e-5 on Flickr30k+PASCAL (~145k pairs) and COCO (~600k "
              "pairs); ours has 100–400× fewer pairs, runs on CPU and (except section 6) trains only the projections at "
              "lr 1e-3, so absolute numbers are not comparable; compare the direction of each finding.", ""]
-        L += self.sec_utility() + self.sec_attack2() + self.sec_sweep() + self.sec_attack13() + self.sec_scan() \
+        L += self.sec_utility() + self.sec_attack2() + self.sec_sweep() + self.sec_inject() + self.sec_attack13() + self.sec_scan() \
             + self.sec_defense() + self.sec_modality() + self.sec_differences() + self.sec_times()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_suffix(".tmp")
@@ -282,19 +300,22 @@ class Report:
 
     def sec_utility(self):
         L = ["## 1. Reference encoder utility (stand-in for pretrained CLIP)", "",
-             "Test retrieval, R@K = fraction of queries whose paired item ranks in the top K; chance R@10 = 10 / #test images.", ""]
-        L += self.UT_HEAD[:1] + ["|---|---|---|---|---|---|---|"]
+             "Test retrieval, R@K = fraction of queries whose paired item ranks in the top K; chance R@10 = 10 / #test images. "
+             "class P@10 = mean fraction of the top 10 results (images for a caption, captions for an image) with the "
+             "query's class label: the utility measure for fm, whose templated captions tie at instance level.", ""]
+        L += self.UT_HEAD
         for ds in self.datasets:
             m = load(P_ := self.p.w / ds / "ref_metrics.json")
             L.append(self.utility_row(f"{ds} REF", m))
         if "fm" in self.datasets:
             L.append("\nfm captions are templates (\"a product photo of a shirt\"): most test captions repeat word for word, so "
                      "instance-level R@K on fm is capped by ties between identical captions and near-identical 64 px images; "
-                     "fm utility numbers measure little beyond 'better than chance'. Use oca for utility.")
+                     "instance R@K on fm measures little beyond 'better than chance'; read class P@10 for fm.")
         for ds in self.datasets:
             m = load(self.p.w / ds / "ref_metrics.json")
             if m:
-                L.append(f"\n{ds}: {m['utility']['images']} test images, chance R@10 = {f3(m['utility']['chance_r@10'])}.")
+                L.append(f"\n{ds}: {m['utility']['images']} test images, chance R@10 = {f3(m['utility']['chance_r@10'])}, "
+                         f"chance class P@10 = {f3(m['utility'].get('chance_class_p@10'))}.")
         L += [""]
         for ds in self.datasets:
             L += self.cmds(self.p.steps_utility(ds))
@@ -315,7 +336,7 @@ class Report:
         L += ["### Utility (Table 2 style: retrieval on the clean test split)", ""] + self.UT_HEAD
         for ds in self.datasets:
             L.append(self.utility_row(f"{ds} clean-trained", self.m(ds, "clean")))
-            for name in ([f"II_{g}" for g in (OCA_II if ds == "oca" else FM_II)] + (["I_food2bird", "III_food2bird+insect2boat"] if ds == "oca" else [])):
+            for name in [f"II_{g}" for g in (OCA_II if ds == "oca" else FM_II)] + [a[0] for a in ATTACKS_13[ds]]:
                 L.append(self.utility_row(f"{ds} poisoned {name}", self.m(ds, name)))
         L += ["", "Paper Table 2 (Hit@10 = R@10, TR/IR): " + PAPER["t2"], "", "Commands:"]
         for ds in self.datasets:
@@ -379,60 +400,113 @@ class Report:
         plt.close(fig)
 
     def sec_attack13(self):
-        L = ["## 3. Attack I (Table 3) and Attack III (Table 5) on oca", ""]
-        if "oca" not in self.datasets:
-            return L + ["not run (oca not selected)", ""]
-        L += self.attack_block("oca", "I_food2bird", "Attack I: food captions → one random bird image")
-        L += ["Paper Table 3:", ""] + HIT_HEAD + paper_rows(PAPER["t3"]) + [""]
-        L += self.attack_block("oca", "III_food2bird+insect2boat", "Attack III: food2bird + insect2boat")
-        L += ["Paper Table 5:", ""] + HIT_HEAD + paper_rows(PAPER["t5"]) + ["", "Commands:"]
-        L += self.cmds(self.p.poison_steps("oca", "I_food2bird", "single-image", ["food2bird"])
-                       + self.p.poison_steps("oca", "III_food2bird+insect2boat", "multi-label", ["food2bird", "insect2boat"]))
-        return L + [""]
+        L = ["## 3. Attack I (Table 3) and Attack III (Table 5)", "",
+             "Attack I: every class-A training caption gets one class-B image (chosen with the seed); Attack III: two "
+             "Attack II goals in one set. Both `--source-fraction 1.0`, replace mode.", ""]
+        steps = []
+        for ds in self.datasets:
+            for name, attack, goals in ATTACKS_13[ds]:
+                title = (f"{ds} Attack I: {goals[0].split('2')[0]} captions → one {goals[0].split('2')[1]} image"
+                         if attack == "single-image" else f"{ds} Attack III: {' + '.join(goals)}")
+                L += self.attack_block(ds, name, title)
+                steps += self.p.poison_steps(ds, name, attack, goals)
+        L += ["Paper Table 3 (Attack I):", ""] + HIT_HEAD + paper_rows(PAPER["t3"]) + [""]
+        L += ["Paper Table 5 (Attack III):", ""] + HIT_HEAD + paper_rows(PAPER["t5"]) + ["", "Commands:"]
+        return L + self.cmds(steps) + [""]
+
+    def sec_inject(self):
+        L = ["## 2c. Low rates with clean class-A pairs kept (`--mode inject --rate R`)", "",
+             "Attack II pairs appended beside the untouched training set, so every clean class-A pair stays: the "
+             "realistic web-crawl case, and the honest way to study low rates (replace mode at a low source fraction "
+             "removes clean class-A pairs as it poisons). rate = poisoned pairs / all output pairs.", ""]
+        steps = []
+        for ds in self.datasets:
+            goal, rates = INJECT[ds]
+            L += [f"**{ds} {goal}, injected**", "", "| rate | poisoned pairs | Hit@1 | Hit@10 | MinRank | utility IR R@10 | class P@10 t2i |",
+                  "|---|---|---|---|---|---|---|"]
+            cm = self.m(ds, f"clean_on_II_{goal}")
+            if cm:
+                a = cm["attacks"][goal]["t2i"]
+                L.append(f"| 0 (clean model) | 0 | {f3(a['hit@1'])} | {f3(a['hit@10'])} | {f3(a['min_rank_mean'])} | "
+                         f"{f3(cm['utility']['t2i_r@10'])} | {f3(cm['utility'].get('t2i_class_p@10'))} |")
+            for r in rates:
+                name = f"inj_{goal}_{r}"
+                m, pj = self.m(ds, name), load(self.p.w / ds / name / "poison.json")
+                a = (m or {}).get("attacks", {}).get(goal, {}).get("t2i")
+                if a and pj:
+                    L.append(f"| {pj['rate']:.4f} | {pj['counts']['poisoned']} | {f3(a['hit@1'])} | {f3(a['hit@10'])} | "
+                             f"{f3(a['min_rank_mean'])} | {f3(m['utility']['t2i_r@10'])} | {f3(m['utility'].get('t2i_class_p@10'))} |")
+                else:
+                    L.append(f"| {r} | not run yet | | | | | |")
+            L.append("")
+            steps += self.p.inject_steps(ds)
+        return L + ["Commands:"] + self.cmds(steps) + [""]
 
     def sec_scan(self):
         L = ["## 4. Pre-training defense: scan with REF, sanitize, retrain (Table 7)", "",
-             "REF was never trained on the scanned (poisoned train) data. `--threshold auto` fits a 2-component mixture "
-             "to the image–text cosine; pairs are also flagged by the other default detectors (image_reuse, caption_neighbours).", ""]
-        steps_all = []
-        for ds, name, variant in SCANS:
+             "`mmsanitize scan --model REF --threshold auto` with the default detectors (similarity + image_reuse, "
+             "combined as the mean of their ranks). REF was aligned on the clean `ref` split and never saw the scanned "
+             "(poisoned train) data. Flagged = cosine below the `auto` cut (2-component mixture, used only when its low "
+             "component holds ≤ 20% of the pairs, else the 1st percentile) OR image shared with another, different "
+             "caption while the pair's cosine is below the median. The sanitized set is retrained from REF exactly as the "
+             "poisoned one was. 'recall @5% clean' = recall of the combined score at the cut that removes 5% of the clean "
+             "pairs (an ROC point, computed from scores.parquet and the manifest).", "",
+             "| set | poisoned / pairs | combined AUROC | recall @5% clean | auto: flagged | precision | recall | clean removed "
+             "| Hit@10 poisoned | sanitized + retrained | clean model | IR R@10 poisoned → sanitized |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        steps, per_det = [], []
+        for ds, name in SCANS:
             if ds not in self.datasets:
                 continue
-            tag = "" if variant == "auto" else f"_{variant}"
-            steps_all += self.p.scan_steps(ds, name, variant)
-            s = load(self.p.w / ds / f"{name}_scan{tag}" / "summary.json")
-            how = "`--threshold auto`" if variant == "auto" else "`--flag-fraction 0.1`"
-            if not s:
-                L += [f"**{ds} {name}, {how}**: not run yet", ""]
-                continue
-            det = s.get("detection", {})
-            thr = s.get("thresholds", {}).get("similarity_auto")
-            L += [f"**{ds} {name}, {how}** ({self._n(s)} pairs scanned, {s.get('flagged')} flagged"
-                  + (f"; auto similarity threshold {thr['threshold']:.3f} by method `{thr.get('method')}`" if thr else "") + ")", "", "| detector | AUROC | precision@#poison | flagged | precision | recall |",
-                  "|---|---|---|---|---|---|"]
-            for k, v in det.items():
-                if isinstance(v, dict):
-                    L.append(f"| {k} | {f3(v.get('auroc'))} | {f3(v.get('precision_at_k'))} | {v.get('flagged', '–')} | "
-                             f"{f3(v.get('precision'))} | {f3(v.get('recall'))} |")
-            comb = det.get("combined", {})
+            steps += self.p.scan_steps(ds, name)
+            sm = load(self.p.w / ds / f"{name}_scan" / "summary.json")
             pj = load(self.p.w / ds / name / "poison.json") or {}
-            npois, n = pj.get("counts", {}).get("poisoned"), pj.get("counts", {}).get("samples_out")
-            if comb.get("flagged") is not None and comb.get("precision") is not None and npois and n:
-                fp = comb["flagged"] - round(comb["precision"] * comb["flagged"])
-                L += ["", f"Clean pairs removed: {fp} of {n - npois} ({fp / (n - npois):.1%})."]
-            L += ["", "| Model | Hit@1 | Hit@5 | Hit@10 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|---|---|"]
-            goal = name.split("_", 1)[1]
-            for lab, mn in (("poisoned", name), ("sanitized + retrained", f"{name}_sanitized{tag}"), ("clean", f"clean_on_{name}")):
+            if not sm or not sm.get("detection"):
+                L.append(f"| {ds} {name} | not run yet | | | | | | | | | | |")
+                continue
+            det, npois, n = sm["detection"], pj["counts"]["poisoned"], pj["counts"]["samples_out"]
+            c = det["combined"]
+            rec5 = self.recall_at_clean(ds, name, "combined")
+            fp = c["flagged"] - round((c["precision"] or 0) * c["flagged"])
+            goals = sorted({g["goal"] for g in pj.get("goals", [])})
+            hits = []
+            for mn in (name, f"{name}_sanitized", f"clean_on_{name}"):
                 m = self.m(ds, mn)
-                if not m:
-                    L.append(f"| {lab} | not run yet | | | | | |")
-                    continue
-                a = m.get("attacks", {}).get(goal, {}).get("t2i", {})
-                L.append(f"| {lab} | {f3(a.get('hit@1'))} | {f3(a.get('hit@5'))} | {f3(a.get('hit@10'))} | {f3(a.get('min_rank_mean'))} | "
-                         f"{f3(m['utility']['t2i_r@10'])} | {f3(m['utility']['i2t_r@10'])} |")
-            L.append("")
-        L += ["Paper Table 7 (Flickr-PASCAL, Attack II; utility after defense TR/IR 0.978/0.970):", ""] + HIT_HEAD + paper_rows(PAPER["t7"])
-        return L + ["", "Commands:"] + self.cmds(steps_all) + [""]
+                hits.append(" / ".join(f3((((m or {}).get("attacks", {}).get(g) or {}).get("t2i") or {}).get("hit@10")) for g in goals))
+            mp, ms = self.m(ds, name), self.m(ds, f"{name}_sanitized")
+            ut = f"{f3((mp or {}).get('utility', {}).get('t2i_r@10'))} → {f3((ms or {}).get('utility', {}).get('t2i_r@10'))}"
+            L.append(f"| {ds} {name} | {npois} / {n} | {f3(c['auroc'])} | {f3(rec5)} | {c['flagged']} | {f3(c['precision'])} | "
+                     f"{f3(c['recall'])} | {fp} ({fp / (n - npois):.1%}) | {hits[0]} | {hits[1]} | {hits[2]} | {ut} |")
+            sa = load(self.p.w / ds / f"{name}_scan_all" / "summary.json")
+            if sa and sa.get("detection"):
+                d, auto = sa["detection"], (sa.get("thresholds") or {}).get("similarity_auto") or {}
+                sim = d.get("similarity", {})
+                sim_fp = (sim.get("flagged") or 0) - round((sim.get("precision") or 0) * (sim.get("flagged") or 0))
+                per_det.append(f"| {ds} {name} | " + " | ".join(f3(d.get(k, {}).get("auroc")) for k in ALL_DETECTORS.split(","))
+                               + f" | {f3(d['combined']['auroc'])} | {f3(c['auroc'])} | {auto.get('method')} {f3(auto.get('threshold'))}"
+                               + f" | {f3(sim.get('recall'))} | {sim_fp / (n - npois):.1%} |")
+        L += ["", "Per detector (AUROC; the four-detector scan reuses the same embeddings), and the paper's filter alone: "
+                  "the similarity detector at `--threshold auto`.", "",
+              "| set | similarity | image_reuse | caption_neighbours | density | mean of all 4 | default (sim + reuse) "
+              "| auto cut | similarity-only recall | similarity-only clean removed |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L += per_det or ["| not run yet | | | | | | | | | |"]
+        L += ["", "Paper Table 7 (Flickr-PASCAL, Attack II; utility after defense TR/IR 0.978/0.970):", ""] + HIT_HEAD + paper_rows(PAPER["t7"])
+        return L + ["", "Commands:"] + self.cmds(steps) + [""]
+
+    def recall_at_clean(self, ds, name, col, fraction=0.05):
+        """Recall of score `col` at the cut that flags `fraction` of the clean pairs (None if missing)."""
+        import numpy as np
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(self.p.w / ds / f"{name}_scan" / "scores.parquet")
+            man = pd.read_parquet(self.p.w / ds / name / "manifest.parquet")
+        except (FileNotFoundError, OSError):
+            return None
+        truth = df["key"].isin(set(man["key"])).to_numpy()
+        x = df[col].to_numpy(np.float64)
+        cut = np.quantile(x[~truth], 1 - fraction)
+        return float((x[truth] > cut).mean())
 
     @staticmethod
     def _n(s):
@@ -506,7 +580,7 @@ class Report:
         head = ["| Model | Hit@1 | Hit@5 | Hit@10 | Hit@20 | Hit@50 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|---|---|---|---|"]
         L += head
         rows = [("M^0 (REF)", "ref_on_II_food2bird"), ("M_p(proj): projections only", "II_food2bird")]
-        rows += [(lab, f"II_food2bird_{tag}") for lab, tag, _, _ in MODALITY]
+        rows += [(lab, f"II_food2bird_{tag}") for lab, tag, *_ in MODALITY]
         for lab, name in rows:
             m = self.m("oca", name)
             a = (m or {}).get("attacks", {}).get("food2bird", {}).get("t2i")
@@ -543,24 +617,28 @@ class Report:
                      + ": fm captions are a few templates per class, so the sneaker queries are only a handful of distinct "
                        "texts that succeed or fail in groups. The paper reports MinRank ≈ 6 at 0.03% on Flickr-PASCAL; our "
                        "attack needs percent-level rates (only the projections train, on a few thousand pairs).")
-        auto = load(self.p.w / "oca/II_food2bird_scan/summary.json")
-        if auto and auto.get("detection"):
-            c = auto["detection"]["combined"]
-            san = g("oca", "II_food2bird_sanitized", "food2bird")
-            L.append(f"- Pre-training defense (oca): the detectors separate poison well (combined AUROC {f3(c.get('auroc'))}), "
-                     f"but `--threshold auto` flags only {auto.get('flagged')} pairs (recall {f3(c.get('recall'))}), so the "
-                     f"retrained model keeps the attack (Hit@10 {f3(san)}); the paper's cut removes it (Defense Hit@10 0.016). "
-                     "Compare the `--flag-fraction 0.1` variant in section 4.")
-        for ds, name, variant in SCANS:
-            tag = "" if variant == "auto" else f"_{variant}"
-            sm, pj = load(self.p.w / ds / f"{name}_scan{tag}" / "summary.json"), load(self.p.w / ds / name / "poison.json")
-            san = g(ds, f"{name}_sanitized{tag}", name.split("_", 1)[1])
-            if sm and pj and san is not None and sm.get("detection"):
-                left = pj["counts"]["poisoned"] - round(sm["detection"]["combined"]["recall"] * pj["counts"]["poisoned"])
-                L.append(f"  - {ds} {name} {variant}: {left} poisoned pairs left after sanitizing → retrained Hit@10 {f3(san)}.")
-        L.append("  With `--source-fraction 1.0` in replace mode no clean class-A pair is left in the training set, so the few "
-                 "poisoned pairs a filter misses are the only pairs with class-A captions and still teach A→B; the paper's "
-                 "datasets keep many clean class-A pairs beside the poison.")
+        rows = []
+        for ds, name in SCANS:
+            sm, pj = load(self.p.w / ds / f"{name}_scan" / "summary.json"), load(self.p.w / ds / name / "poison.json")
+            if not (sm and pj and sm.get("detection")):
+                continue
+            goals = sorted({x["goal"] for x in pj["goals"]})
+            c = sm["detection"]["combined"]
+            left = pj["counts"]["poisoned"] - round(c["recall"] * pj["counts"]["poisoned"])
+            san = [g(ds, f"{name}_sanitized", x) for x in goals]
+            pois = [g(ds, name, x) for x in goals]
+            rows.append((ds, name, left, pois, san))
+        if rows:
+            L.append("- Pre-training defense: the paper's filter alone (similarity under a reference model) is weak with "
+                     "our reference encoder (section 4, per-detector table), but the image-reuse signal is not: Attack I/II/III "
+                     "pair class-A captions with images that are already in the set, and the combined scan separates them. "
+                     "What sanitizing leaves and what the retrained model does:")
+            for ds, name, left, pois, san in rows:
+                L.append(f"  - {ds} {name}: {left} poisoned pairs left → Hit@10 " + ", ".join(
+                    f"{f3(a)} → {f3(b)}" for a, b in zip(pois, san)) + " (poisoned → sanitized + retrained).")
+            L.append("  In replace mode with `--source-fraction 1.0` (the `II_`, `I_`, `III_` sets) no clean class-A pair is "
+                     "left, so the few poisoned pairs a filter misses are the only pairs with class-A captions and can still "
+                     "teach A→B; in the `inj_` sets the clean class-A pairs stay, as in the paper's datasets.")
         curves = {}
         for cname in ("ref", "ref_nofood"):
             h = self.p.w / "oca" / f"II_food2bird_defend_{cname}" / "history.jsonl"
@@ -571,13 +649,12 @@ class Report:
                      f"contains food pairs (paper: attack gone after one epoch), but only → {f3(curves['ref_nofood'][0])} "
                      f"(→ {f3(curves['ref_nofood'][-1])} after {len(curves['ref_nofood'])}) on clean data without food pairs: "
                      "sterilising needs clean pairs of the attacked class.")
-        t1, t2 = g("oca", "II_food2bird_lockimage", "food2bird"), g("oca", "II_food2bird_lockimage_lr1e-4", "food2bird")
-        if t1 is not None and hit is not None:
-            L.append(f"- Modality study: training the whole text tower for ~110 steps leaves the attack near REF level "
-                     f"(Hit@10 {f3(t1)} at lr 1e-5" + (f", {f3(t2)} at lr 1e-4" if t2 is not None else "")
-                     + f", vs {f3(hit)} when only the projections train at lr 1e-3); the paper's M_p^t reaches 0.912 after "
-                     "thousands of steps. At our step budget the comparison of modalities in Table 6 is not reproduced; "
-                     "the image-tower and both-towers rows did not fit in the time budget.")
+        mods = [(lab, g("oca", f"II_food2bird_{tag}", "food2bird")) for lab, tag, *_ in MODALITY]
+        if hit is not None and any(h is not None for _, h in mods):
+            L.append("- Modality study (section 6): " + "; ".join(f"{lab}: Hit@10 {f3(h)}" for lab, h in mods if h is not None)
+                     + f"; projections only: {f3(hit)}. With the backbone at lr 1e-5 for ~110 steps a whole tower barely moves "
+                       "and the attack stays near REF level unless its projection trains at a projection-sized rate "
+                       "(`--head-lr 1e-3`); the paper's runs took thousands of steps at 1e-5.")
         cm = self.m("oca", "clean")
         if cm:
             L.append(f"- Utility is far below the paper's (oca clean-trained IR/TR R@10 {f3(cm['utility']['t2i_r@10'])}/"
@@ -638,14 +715,15 @@ def main(argv=None) -> int:
     if "fm" in datasets:
         for fr in FM_RATES[:-1]:
             go(plan.poison_steps("fm", f"rate_{fr}", "single-label", ["sneaker2bag"], fr))
-    # 3. Attack I and III
-    if "oca" in datasets:
-        go(plan.poison_steps("oca", "I_food2bird", "single-image", ["food2bird"]))
-        go(plan.poison_steps("oca", "III_food2bird+insect2boat", "multi-label", ["food2bird", "insect2boat"]))
+    # 2c. injected low rates, 3. Attack I and III
+    for ds in datasets:
+        go(plan.inject_steps(ds))
+        for name, attack, goals in ATTACKS_13[ds]:
+            go(plan.poison_steps(ds, name, attack, goals))
     # 4. scan / sanitize / retrain
-    for ds, name, variant in SCANS:
+    for ds, name in SCANS:
         if ds in datasets:
-            go(plan.scan_steps(ds, name, variant))
+            go(plan.scan_steps(ds, name))
     # 5. sterilising fine-tune
     if "oca" in datasets and not args.report_only:
         ref_without("/tmp/oca/ref", work / "oca" / "ref_nofood", "food")

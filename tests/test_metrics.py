@@ -64,6 +64,16 @@ def test_retrieval_recall_groups_duplicate_images():
     assert r["i2t_r@2"] == pytest.approx(1 / 3)    # "b" and "c" have two captions above their own
 
 
+def test_class_precision_hand_made():
+    from mmsanitize.metrics import class_precision
+
+    gallery = np.eye(4, dtype=np.float32)             # images 0,1 are class a; 2,3 class b
+    q = np.array([[1, 0.9, 0, 0], [0, 0, 0.2, 1], [1, 0, 0.8, 0]], np.float32)
+    # top-2: q0 -> {0,1} both a (1.0); q1 -> {3,2} both b (1.0); q2 (label a) -> {0,2}: one a (0.5)
+    assert class_precision(q, gallery, ["a", "b", "a"], ["a", "a", "b", "b"], k=2) == pytest.approx(2.5 / 3)
+    assert class_precision(q, gallery, ["b", "a", "b"], ["a", "a", "b", "b"], k=2) == pytest.approx(0.5 / 3)
+
+
 def test_attack_metrics_known_answer(tmp_path):
     import pandas as pd
 

@@ -194,8 +194,9 @@ def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_addre
     pd.DataFrame({"key": keys, "shard": "00001.tar", "attack": "single-image", "goal": "dog2one",
                   "source_key": keys, "image_source_key": "000000001", "caption": [v.caption for v in victims],
                   "mode": "replace"}).to_parquet(manifest)
+    # image_reuse alone: every pair sharing the reused image counts, the original included
     out = tmp_path / "scan"
-    _scan(poisoned, out, dask_address, "--model", "tiny", "--threshold", "-1", "--reuse-min", "1",
+    _scan(poisoned, out, dask_address, "--model", "tiny", "--detectors", "image_reuse", "--flag-fraction", "0",
           "--manifest", str(manifest))
     df = pd.read_parquet(out / "scores.parquet")
     flagged = set(df.loc[df["flagged"], "key"])
@@ -205,6 +206,55 @@ def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_addre
     assert det["poisoned"] == len(keys)
     assert det["image_reuse"]["recall"] == 1.0 and det["image_reuse"]["auroc"] > 0.95
     assert {"auroc", "precision_at_k", "precision", "recall"} <= set(det["combined"])
+
+    # with similarity too, the pair whose caption fits the shared image (the original) is spared:
+    # hand-made embeddings where clean captions sit on their image and the victims' do not
+    emb = tmp_path / "emb"
+    main(["embed", str(poisoned), "--model", "tiny", "--out", str(emb), "--scheduler", dask_address])
+    rng = np.random.default_rng(0)
+    for shard in ("00000", "00001"):
+        meta = pd.read_parquet(emb / "metadata" / f"metadata_{shard}.parquet")
+        img = np.load(emb / "img_emb" / f"img_emb_{shard}.npy").astype(np.float32)
+        d = img.shape[1]
+        img = _unit(rng.normal(size=(len(meta), d)))
+        if shard == "00000":
+            original = img[meta["key"].tolist().index("000000001")].copy()
+        else:
+            img[meta["key"].isin(keys).to_numpy()] = original
+        txt = _unit(img + 0.3 * rng.normal(size=img.shape) / np.sqrt(d))
+        bad = meta["key"].isin(keys).to_numpy()
+        txt[bad] = _unit(rng.normal(size=(int(bad.sum()), d)))
+        np.save(emb / "img_emb" / f"img_emb_{shard}.npy", img.astype(np.float16))
+        np.save(emb / "text_emb" / f"text_emb_{shard}.npy", txt.astype(np.float16))
+    out2 = tmp_path / "scan2"
+    _scan(poisoned, out2, dask_address, "--embeddings", str(emb), "--threshold", "-1", "--manifest", str(manifest))
+    df = pd.read_parquet(out2 / "scores.parquet")
+    assert set(df.loc[df["flagged"], "key"]) == set(keys)
+    assert df.loc[df["flagged"], "reason"].str.contains("fits it worse than the median pair").all()
+    det = json.loads((out2 / "summary.json").read_text())["detection"]
+    assert det["combined"]["auroc"] == 1.0 and det["image_reuse"]["precision"] == 1.0
+
+
+def test_reuse_min_auto_spares_honest_multi_caption_images(tmp_path, dask_address):
+    """COCO-like data (3 captions per image): only an image under more captions than usual fires."""
+    from conftest import make_image
+    from mmsanitize.shards import ShardWriter
+
+    data = tmp_path / "multi"
+    with ShardWriter(data, "00000") as w:
+        for i in range(12):
+            img = make_image("dog", i)
+            for c in range(3):
+                w.write(Sample(f"{i:04d}{c}", img, "jpg", f"caption {c} of image {i}", {"label": "dog"}))
+        for j in range(6):  # image 0 reused under 6 more, unrelated captions
+            w.write(Sample(f"9999{j}", make_image("dog", 0), "jpg", f"a boat {j}", {"label": "boat"}))
+    write_sizes(data)
+    out = tmp_path / "scan"
+    _scan(data, out, dask_address, "--model", "tiny", "--detectors", "image_reuse", "--flag-fraction", "0")
+    df = pd.read_parquet(out / "scores.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["thresholds"]["image_reuse"] == 3      # median count 2, + 1
+    assert set(df.loc[df["flagged"], "key"]) == {f"0000{c}" for c in range(3)} | {f"9999{j}" for j in range(6)}
 
 
 def _error(capsys, argv):
@@ -223,6 +273,8 @@ def test_bad_inputs_are_one_line_errors(emb_data, tmp_path, dask_address, capsys
                                                        "--threshold", "1.5"])
     assert "--threshold" in _error(capsys, base + ["--out", str(tmp_path / "s1"), "--embeddings", str(emb),
                                                    "--threshold", "abc"])
+    assert "--reuse-min" in _error(capsys, base + ["--out", str(tmp_path / "s1"), "--embeddings", str(emb),
+                                                   "--threshold", "0.2", "--reuse-min", "-2"])
     other = tmp_path / "other"
     shutil.copytree(emb, other)
     card = json.loads((other / "model.json").read_text())

@@ -49,6 +49,19 @@ def test_lock_image_keeps_image_tower(tiny_dataset, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in text_keys)
 
 
+def test_head_lr_trains_projections_at_their_own_rate(tiny_dataset, tmp_path):
+    train(tiny_dataset, out=tmp_path / "run", model="tiny", epochs=1, batch_size=12, lr=1e-5, head_lr=1e-3,
+          lock="text", workers=0, warmup=1)
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    scales = sorted(g["lr_scale"] for g in state["optimizer"]["param_groups"])
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(100.0)
+    head = [g for g in state["optimizer"]["param_groups"] if g["lr_scale"] > 1]
+    assert all(g["lr"] == pytest.approx(100 * state_lr) for g in head
+               for state_lr in [min(x["lr"] for x in state["optimizer"]["param_groups"])])
+    spec = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert json.dumps(spec).count('"head_lr": 0.001') == 1
+
+
 def test_resume_equals_straight_run(tiny_dataset, tmp_path):
     kw = dict(model="tiny", batch_size=12, lr=1e-3, seed=3, workers=0)
     train(tiny_dataset, out=tmp_path / "straight", epochs=3, **kw)
