@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .metrics import HIT_KS, min_ranks, normalize, rank_summary, retrieval_recall
+from .metrics import HIT_KS, min_ranks, normalize, rank_summary, recall_from_ranks, retrieval_ranks
 from .shards import iter_samples, sha256, write_json_atomic
 
 
@@ -85,8 +85,11 @@ def _target_image_bytes(manifest_path: Path, rows) -> bytes:
     raise UsageError(f"manifest {manifest_path}: key {row['key']} not in {shard}")
 
 
-def attack_metrics(model, meta, img, txt, manifest, *, seed: int = 0) -> dict:
-    """Per-goal attack success (see module doc) given the test split's embeddings; returns {goal: {...}}."""
+def attack_metrics(model, meta, img, txt, manifest, *, seed: int = 0, t2i_ranks=None) -> dict:
+    """Per-goal attack success (see module doc) given the test split's embeddings; returns {goal: {...}}.
+
+    With `t2i_ranks` (each test caption's rank of its own image) a goal also gets
+    `utility_other_captions`: text→image Recall@K over the captions *not* of class A."""
     import pandas as pd
 
     manifest_path = Path(manifest)
@@ -130,6 +133,9 @@ def attack_metrics(model, meta, img, txt, manifest, *, seed: int = 0) -> dict:
             res["target_images"] = int(groups.sum())
         query_idx = np.flatnonzero(labels == a)
         res["class_a_captions"] = int(len(query_idx))
+        if t2i_ranks is not None and len(query_idx) < len(labels):
+            other = t2i_ranks[labels != a]
+            res["utility_other_captions"] = {f"t2i_r@{k}": float((other < k).mean()) for k in (1, 5, 10)}
         if len(query_idx) == 0 or groups.sum() == 0:
             res["error"] = f"no test captions of class {a!r}" if len(query_idx) == 0 else f"no test images of class {b!r}"
             results[str(goal)] = res
@@ -166,12 +172,13 @@ def _class_utility(meta, img, txt, k: int = 10) -> dict:
 def evaluate_model(model, *, test, manifest: str | None = None, workers: int = 0, seed: int = 0) -> dict:
     """Utility (and attack, with `manifest`) metrics of a loaded model on test shards; returns a dict."""
     meta, img, txt = embed_split(model, test, workers=workers)
+    t2i_ranks, i2t_ranks = retrieval_ranks(img, txt, meta["sha256"])
     out = {"model": model.name, "checkpoint_sha256": model.checkpoint_sha256, "test_pairs": len(txt),
-           "utility": retrieval_recall(img, txt, meta["sha256"])}
+           "utility": recall_from_ranks(t2i_ranks, i2t_ranks)}
     out["utility"]["chance_r@10"] = min(1.0, 10 / max(1, out["utility"]["images"]))
     out["utility"].update(_class_utility(meta, img, txt))
     if manifest:
-        out["attacks"] = attack_metrics(model, meta, img, txt, manifest, seed=seed)
+        out["attacks"] = attack_metrics(model, meta, img, txt, manifest, seed=seed, t2i_ranks=t2i_ranks)
     return out
 
 

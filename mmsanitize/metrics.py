@@ -118,6 +118,17 @@ def normalize(x) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def retrieval_ranks(image_emb, text_emb, image_ids, *, max_elements: int = 1 << 24):
+    """0-based rank of each caption's image among the unique images (t2i, (N,)) and of each unique
+    image's best caption among all captions (i2t, (M,), images in first-seen order)."""
+    image_emb, text_emb = normalize(image_emb), normalize(text_emb)
+    uniq, first, group = np.unique(np.asarray(image_ids), return_index=True, return_inverse=True)
+    gallery = image_emb[first]
+    t2i = min_ranks(text_emb, gallery, group, np.arange(len(uniq)), max_elements=max_elements)
+    i2t = min_ranks(gallery, text_emb, np.arange(len(uniq)), group, max_elements=max_elements)
+    return t2i, i2t
+
+
 def retrieval_recall(image_emb, text_emb, image_ids, *, ks=RECALL_KS, max_elements: int = 1 << 24) -> dict:
     """Text→image and image→text Recall@K over a test split.
 
@@ -126,12 +137,12 @@ def retrieval_recall(image_emb, text_emb, image_ids, *, ks=RECALL_KS, max_elemen
     retrieves any of its captions. Returns {"t2i@K": ..., "i2t@K": ..., "t2i_mean": ...,
     "images": M, "captions": N}.
     """
-    image_emb, text_emb = normalize(image_emb), normalize(text_emb)
-    uniq, first, group = np.unique(np.asarray(image_ids), return_index=True, return_inverse=True)
-    gallery = image_emb[first]
-    t2i = min_ranks(text_emb, gallery, group, np.arange(len(uniq)), max_elements=max_elements)
-    i2t = min_ranks(gallery, text_emb, np.arange(len(uniq)), group, max_elements=max_elements)
-    out = {"images": int(len(uniq)), "captions": int(len(text_emb))}
+    return recall_from_ranks(*retrieval_ranks(image_emb, text_emb, image_ids, max_elements=max_elements), ks=ks)
+
+
+def recall_from_ranks(t2i: np.ndarray, i2t: np.ndarray, *, ks=RECALL_KS) -> dict:
+    """The `retrieval_recall` dict from the ranks of `retrieval_ranks`."""
+    out = {"images": int(len(i2t)), "captions": int(len(t2i))}
     for k in ks:
         out[f"t2i_r@{k}"] = float((t2i < k).mean())
     for k in ks:

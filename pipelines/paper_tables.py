@@ -261,6 +261,15 @@ class Report:
             out += [hit_row(f"{goal}: clean model (Baseline)", c.get("t2i")),
                     hit_row(f"{goal}: random caption on poisoned model", a.get("baseline_random_t2i")),
                     hit_row(f"{goal}: poisoned model (Ours)", a.get("t2i"))]
+        notes = []
+        for goal, a in pm.get("attacks", {}).items():
+            c = (cm or {}).get("attacks", {}).get(goal, {})
+            uo, uc = a.get("utility_other_captions"), c.get("utility_other_captions")
+            if uo and uc:
+                notes.append(f"{goal}: {f3(uc['t2i_r@10'])} clean model → {f3(uo['t2i_r@10'])} poisoned")
+        if notes:
+            out += ["", "Utility outside the attacked class (text→image R@10 over the test captions not of class A): "
+                    + "; ".join(notes) + "."]
         return out + [""]
 
     def utility_row(self, label, m) -> str:
@@ -573,10 +582,12 @@ class Report:
              "trained, backbones frozen). The lock rows train a whole tower: `--lock image` freezes the image tower "
              "(backbone + projection) and trains the text tower (MiniLM + projection) = the paper's M_p^t "
              "('linguistic modality poisoned'); `--lock text` trains the image tower (EfficientNet-B0 + projection) = M_p^i; "
-             "no lock trains both towers fully = M_p. Those runs use the library's default lr for backbone training "
-             f"(1e-5, the paper's) unless the row says otherwise, and {self.p.epochs} epochs (~110 steps): the paper "
-             "ran many thousands of steps at 1e-5, so at our scale the tower barely moves; the lr 1e-4 row checks "
-             "whether a larger step lets the text tower learn the poison. The projection-only row uses lr 1e-3.", ""]
+             "no lock trains both towers fully = M_p. All run "
+             f"{self.p.epochs} epochs (~110 steps) with the backbones at the paper's lr 1e-5 unless the row says otherwise. "
+             "Our projections were trained from scratch on ~1.2k pairs by `align` (CLIP's were pretrained with the towers), so "
+             "the `--head-lr 1e-3` rows train each unlocked tower's projection at the projection-only rate while its "
+             "backbone moves at 1e-5; the plain rows train the projection at 1e-5 too. The projection-only row uses lr 1e-3. "
+             "A frozen tower keeps its projection frozen as well (the paper's lock).", ""]
         head = ["| Model | Hit@1 | Hit@5 | Hit@10 | Hit@20 | Hit@50 | MinRank | IR R@10 | TR R@10 |", "|---|---|---|---|---|---|---|---|---|"]
         L += head
         rows = [("M^0 (REF)", "ref_on_II_food2bird"), ("M_p(proj): projections only", "II_food2bird")]
@@ -617,6 +628,16 @@ class Report:
                      + ": fm captions are a few templates per class, so the sneaker queries are only a handful of distinct "
                        "texts that succeed or fail in groups. The paper reports MinRank ≈ 6 at 0.03% on Flickr-PASCAL; our "
                        "attack needs percent-level rates (only the projections train, on a few thousand pairs).")
+        for ds in self.datasets:
+            goal, rates = INJECT[ds]
+            pts = [(r, g(ds, f"inj_{goal}_{r}", goal), g(ds, f"inj_{goal}_{r}", goal, "min_rank_mean")) for r in rates]
+            base = (g(ds, f"clean_on_II_{goal}", goal), g(ds, f"clean_on_II_{goal}", goal, "min_rank_mean"))
+            if all(h is not None for _, h, _ in pts) and base[0] is not None:
+                L.append(f"- Injected Attack II with every clean class-A pair kept ({ds} {goal}, section 2c): Hit@10 / MinRank "
+                         f"{f3(base[0])} / {base[1]:.1f} for the clean model, then "
+                         + ", ".join(f"{100 * r:g}%: {f3(h)} / {mr:.1f}" for r, h, mr in pts)
+                         + ". The attack grows with the rate but needs percent-level rates here, where the paper's "
+                           "full fine-tune of CLIP was hit at 0.03–0.24%.")
         rows = []
         for ds, name in SCANS:
             sm, pj = load(self.p.w / ds / f"{name}_scan" / "summary.json"), load(self.p.w / ds / name / "poison.json")

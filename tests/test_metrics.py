@@ -98,3 +98,10 @@ def test_attack_metrics_known_answer(tmp_path):
     one = res["dog2one"]
     assert one["target_in_gallery"] is True and one["target_sha256"] == "c1"
     assert one["t2i"]["min_rank_mean"] == 1.0 and one["t2i"]["hit@1"] == 0.5
+    # utility without the attacked class: captions c2 (boat; own image ranks 1) and c3 (cat; rank 0)
+    from mmsanitize.metrics import retrieval_ranks
+
+    t2i, _ = retrieval_ranks(img, txt, meta["sha256"])
+    assert list(t2i) == [1, 1, 1, 0]
+    res = attack_metrics(None, meta, img, txt, tmp_path / "manifest.parquet", seed=0, t2i_ranks=t2i)
+    assert res["dog2boat"]["utility_other_captions"] == {"t2i_r@1": 0.5, "t2i_r@5": 1.0, "t2i_r@10": 1.0}
