@@ -305,6 +305,8 @@ def train(
     out = Path(out)
     if epochs < 1 or batch_size < 2:
         raise UsageError("need epochs >= 1 and batch size >= 2")
+    if (lr is not None and lr <= 0) or (head_lr is not None and head_lr <= 0):
+        raise UsageError("--lr and --head-lr must be > 0")
     paths = [str(p) for p in expand_shards(shards)]
     state_path = out / "train_state.pt"
     start_epoch, step = 0, 0

@@ -386,6 +386,15 @@ class Report:
         L += self.cmds([s for fr in FM_RATES if fr != 1.0 for s in self.p.poison_steps("fm", f"rate_{fr}", "single-label", ["sneaker2bag"], fr)])
         return L + [""]
 
+    def save_figure(self, fig, name: str) -> None:
+        """Write `fig` to docs/img/NAME and close it."""
+        import matplotlib.pyplot as plt
+
+        fig.tight_layout()
+        self.img.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.img / name, dpi=120)
+        plt.close(fig)
+
     def plot_sweep(self, pts, cm):
         import matplotlib
         matplotlib.use("Agg")
@@ -403,10 +412,7 @@ class Report:
         ax2.plot([100 * p[0] for p in pts if p[2] is not None], [p[2] for p in pts if p[2] is not None], "s--", color="tab:red")
         ax2.set_ylabel("MinRank (mean)", color="tab:red")
         ax.set_title("fm Attack II rate sweep")
-        fig.tight_layout()
-        self.img.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.img / "fm_rate_sweep.png", dpi=120)
-        plt.close(fig)
+        self.save_figure(fig, "fm_rate_sweep.png")
 
     def sec_attack13(self):
         L = ["## 3. Attack I (Table 3) and Attack III (Table 5)", "",
@@ -571,10 +577,7 @@ class Report:
         ax.set_ylabel("Hit@10 food → bird")
         ax.set_ylim(0, 1.02)
         ax.legend()
-        fig.tight_layout()
-        self.img.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.img / "oca_defense_curve.png", dpi=120)
-        plt.close(fig)
+        self.save_figure(fig, "oca_defense_curve.png")
 
     def sec_modality(self):
         L = ["## 6. Modality study (Table 6), oca food2bird", "",

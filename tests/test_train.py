@@ -114,3 +114,6 @@ def test_bad_lock_and_missing_checkpoint(tiny_dataset, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["defend", "finetune", str(tmp_path / "nope"), "--clean", str(tiny_dataset), "--out", str(tmp_path / "o")])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tiny_dataset), "--model", "tiny", "--head-lr", "0", "--out", str(tmp_path / "h")])
+    assert e.value.code == 2 and not (tmp_path / "h" / "model.safetensors").exists()
