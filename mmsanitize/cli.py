@@ -208,7 +208,8 @@ def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, 
 @click.option("--goal", "goals", multiple=True, metavar="A2B", help="Goal such as dog2boat (repeatable for multi-label).")
 @click.option("--source", default=None, help="Class A (whose captions are used); alternative to --goal.")
 @click.option("--target", default=None, help="Class B (whose images are used / the backdoor's target class).")
-@click.option("--target-key", default=None, help="single-image: key of the target image (default: a random class-B image).")
+@click.option("--target-key", default=None, help="single-image: key of the target image (default: a random class-B image); with "
+                   "--images-from also a pool key (or a folder pool's file path), looked up in the pool first.")
 @click.option("--source-fraction", type=float, default=None, help="Fraction of class-A samples to poison (paper's knob; default 1.0).")
 @click.option("--count", type=int, default=None, help="Poisoned samples per goal.")
 @click.option("--rate", type=float, default=None, help="Poisoned pairs over the whole output dataset, in (0, 1].")
@@ -223,15 +224,28 @@ def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, 
 @click.option("--trigger-pattern", default="checkerboard", show_default=True, help="Patch pattern: checkerboard or noise.")
 @click.option("--opacity", type=float, default=0.1, show_default=True, help="Blended backdoor: weight of the noise pattern.")
 @click.option("--caption-only", is_flag=True, hidden=True)
+@click.option("--images-from", default=None, metavar="SPEC",
+              help="Dirty-label attacks: take the class-B (target) images from this pool outside the dataset: "
+                   "shards (dir, .tar or {..} pattern) or a folder with captions.csv/.jsonl (file, caption[, label]); "
+                   "labelled by --label-from; pool images bytes-equal to a dataset image are excluded. "
+                   "Example: --images-from data/web_pool/")
+@click.option("--perturb", default=None, metavar="KIND",
+              help="Dirty-label attacks: transform every poison copy (seeded per copy) so no two share bytes: "
+                   "reencode (JPEG q75-95), resize (x0.8-1.2), crop (80-95%, resized back) or jitter "
+                   "(brightness/contrast +-10%, noise). Example: --perturb reencode")
 @click.option("--out", required=True, help="Output directory for the poisoned shards, manifest.parquet and poison.json.")
 @click.option("--overwrite", is_flag=True, help="Redo every shard even when a previous run finished it.")
 @dask_options
 def poison(shards, attack, goals, source, target, target_key, source_fraction, count, rate, mode, label_from,
-           seed, trigger_size, trigger_position, trigger_pattern, opacity, caption_only, out, overwrite,
-           scheduler, workers):
+           seed, trigger_size, trigger_position, trigger_pattern, opacity, caption_only, images_from, perturb,
+           out, overwrite, scheduler, workers):
     """Write a poisoned copy of a dataset (shards + manifest.parquet + poison.json).
 
+    \b
     Example: mmsanitize poison data/oca/train/ --attack single-label --goal dog2boat --seed 0 --out runs/p/
+    Attacker's own, re-encoded images:
+      mmsanitize poison data/oca/train/ --attack single-label --goal dog2boat \\
+        --images-from data/web_pool/ --perturb reencode --out runs/p-web/
     """
     from .poison import poison_dataset
 
@@ -239,11 +253,18 @@ def poison(shards, attack, goals, source, target, target_key, source_fraction, c
                          target_key=target_key, source_fraction=source_fraction, count=count, rate=rate,
                          mode=mode, label_from=label_from, seed=seed, trigger_size=trigger_size,
                          trigger_position=trigger_position, trigger_pattern=trigger_pattern, opacity=opacity,
-                         caption_only=caption_only, scheduler=scheduler, workers=workers, overwrite=overwrite)
+                         caption_only=caption_only, images_from=images_from, perturb=perturb,
+                         scheduler=scheduler, workers=workers, overwrite=overwrite)
     print_table([{"goal": g["goal"], "poisoned samples": g["poisoned"], "rate": f"{g['rate']:.4%}"}
                  for g in res["goals"]])
     c = res["counts"]
     click.echo(f"{c['poisoned']:,} of {c['samples_out']:,} samples poisoned (rate {res['rate']:.4%}, mode {res['mode']})")
+    pool = res.get("images_from")
+    if pool:
+        click.echo(f"images from {pool['spec']}: {pool['usable']:,} usable pool images "
+                   f"({pool['excluded_duplicates']:,} copies of dataset images excluded)")
+    if res.get("perturb"):
+        click.echo(f"every poison copy perturbed: {res['perturb']}")
     click.echo(f"shards: {out}  manifest: {out}/manifest.parquet  spec: {out}/poison.json")
 
 
@@ -343,13 +364,15 @@ def defend_finetune_cmd(poisoned_ckpt, clean, lock, out, **kw):
 @cli.command("evaluate")
 @click.argument("checkpoint")
 @click.option("--test", required=True, help="Test shards.")
-@click.option("--manifest", default=None, help="Poison manifest.parquet: adds attack success per goal.")
+@click.option("--manifest", default=None,
+              help="Poison manifest.parquet: adds attack success per goal (backdoors: ASR with the trigger "
+                   "of the poison.json beside it).")
 @click.option("--out", default=None, help="Write metrics.json here.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-caption baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate_cmd(checkpoint, test, manifest, out, device, seed, as_json):
-    """Retrieval Recall@K and attack MinRank / Hit@K of a checkpoint on test shards.
+    """Retrieval Recall@K, attack MinRank / Hit@K and backdoor success rate of a checkpoint on test shards.
 
     Example: mmsanitize evaluate runs/p-model/ --test data/oca/test/ --manifest runs/p/manifest.parquet --out metrics.json
     """
@@ -369,6 +392,15 @@ def evaluate_cmd(checkpoint, test, manifest, out, device, seed, as_json):
             click.echo(f"{goal}: {r['error']}")
         elif r.get("target_in_gallery") is False:
             click.echo(f"{goal}: target image not in the test gallery; it was embedded and added to it")
+    for goal, r in (result.get("backdoor") or {}).items():
+        if r.get("error"):
+            click.echo(f"{goal}: backdoor not measured: {r['error']}")
+            continue
+        t, c = r["triggered"], r["untriggered"]
+        click.echo(f"{goal}: backdoor ({r['attack']} -> {r['target_class']}) on {r['images']} test images: "
+                   f"ASR i2t@10 {t['i2t_asr@10']:.3f} (untriggered {c['i2t_asr@10']:.3f}), "
+                   f"zero-shot {t['zeroshot_asr']:.3f} (untriggered {c['zeroshot_asr']:.3f}, "
+                   f"chance {r['chance_zeroshot']:.3f})")
     if out:
         click.echo(f"wrote {out}")
 

@@ -3,7 +3,8 @@
 Output: shards with the input's names and layout (+ `sizes.json`), `manifest.parquet` (one row
 per poisoned sample) and `poison.json` (spec, seed, counts, rate). Per-shard sha256 lists live in
 `_poison_parts/` while the run is in progress and are removed once the manifest is written, so
-the finished shards carry no mark of what was poisoned.
+the finished shards carry no mark of what was poisoned. With `images_from`, the image pool's
+temporary shards (folder pools) and catalog live in `_poison_pool/`, removed at the end too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .errors import ShardError, UsageError
 ATTACKS = ("single-image", "single-label", "multi-label", "patch", "blended", "label-consistent")
 JPEG_QUALITY = 95
 PARTS = "_poison_parts"
+POOL_WORK = "_poison_pool"
+DIRTY_LABEL = ("single-image", "single-label", "multi-label")
 # json fields that describe the image rather than the caption (copied from the image's sample)
 IMAGE_FIELDS = ("label", "url", "original_width", "original_height", "exif", "md5")
 
@@ -39,11 +42,23 @@ class PoisonTask:
 
 @dataclass(frozen=True)
 class ExtractTask:
-    """Read samples `keys` (image sources and json templates) out of input shard `path`."""
+    """Read samples `keys` (image sources and json templates) out of shard `path`, a shard of the
+    input dataset (`origin` "dataset") or of the image pool (`origin` "pool")."""
 
     name: str
     path: str
     keys: tuple
+    origin: str = "dataset"
+
+
+def image_ref(edit) -> tuple[str, str, str]:
+    """(origin, shard, key) of the sample whose image an edit carries (how `sources` are keyed)."""
+    return (edit.image_origin, *edit.image_source)
+
+
+def template_ref(edit) -> tuple[str, str, str]:
+    """(origin, shard, key) of the dataset sample whose json an edit's json is based on."""
+    return ("dataset", *edit.template)
 
 
 # --------------------------------------------------------------------------- per-shard work
@@ -154,30 +169,36 @@ def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, ca
 
 
 def extract_samples(task: ExtractTask) -> dict:
-    """Dask task: the samples a poison plan needs from one input shard, read in one pass."""
+    """Dask task: the samples a poison plan needs from one dataset or pool shard, read in one pass;
+    keyed (origin, shard file name, key)."""
     samples = read_keys(task.path, set(task.keys))
-    return {"count": len(samples), "samples": {(Path(task.path).name, k): s for k, s in samples.items()}}
+    return {"count": len(samples),
+            "samples": {(task.origin, Path(task.path).name, k): s for k, s in samples.items()}}
 
 
 def poison_shard(task: PoisonTask) -> dict:
     """Dask task: build the shard's poisoned samples (from `task.sources`, read by
     `extract_samples`), splice them into a copy of the shard.
 
+    A trigger is stamped (backdoors) or the per-copy perturbation applied (`--perturb`) here.
     Writes `_poison_parts/NAME.json` (key -> sha256 of the stored image) before the shard's stats.
     Returns the shard stats plus `poisoned` and `sha256`.
     """
+    from .attacks.perturb import perturb_image
     from .shards import (Sample, file_fingerprint, image_size, rewrite_shard, sha256,
                          write_json_atomic)
 
     samples = task.sources
     replace, append, hashes = {}, [], {}
     for e in task.edits:
-        src = samples[tuple(e.image_source)]
+        src = samples[image_ref(e)]
         image, ext = src.image, src.image_ext
         if e.trigger is not None:
             image, ext = apply_trigger(image, ext, e.trigger, e.image_source[0], e.image_source[1])
+        if e.perturb is not None:
+            image, ext = perturb_image(image, ext, e.perturb, e.image_source[0], e.image_source[1])
         w, h = image_size(image, e.image_source[0], e.image_source[1])
-        tmpl = samples[tuple(e.template)]
+        tmpl = samples[template_ref(e)]
         meta = rewrite_meta(tmpl.meta, src.meta, key=e.key, caption=e.caption, image=image, width=w, height=h)
         sample = Sample(e.key, image, ext, e.caption, meta, dict(tmpl.extras))
         if e.replaces is not None:
@@ -241,27 +262,88 @@ def _goals(attack: str, goals, source, target, target_key) -> tuple[tuple[str, s
     return tuple(parsed)
 
 
-def make_plan(catalog, spec, label_from: str = "field"):
-    """Resolve the classes a spec names and run its attack: returns a PoisonPlan (pure, seeded)."""
+def _lenient_masks(catalog, classes, label_from: str) -> dict:
+    """class_masks, but a class without samples gets an all-False mask instead of an error."""
+    import numpy as np
+
+    from .labels import class_masks
+
+    masks = {}
+    for c in classes:
+        try:
+            masks[c] = class_masks(catalog, [c], label_from)[c]
+        except UsageError as e:
+            if not str(e).startswith("unknown class"):
+                raise
+            masks[c] = np.zeros(len(catalog), dtype=bool)
+    return masks
+
+
+def make_plan(catalog, spec, label_from: str = "field", pool_catalog=None):
+    """Resolve the classes a spec names and run its attack: returns a PoisonPlan (pure, seeded).
+
+    With `pool_catalog` (dirty-label attacks; the usable rows of the image pool) the class-B
+    images come from the pool, labelled by the same `label_from` rule; class B then need not
+    exist in the dataset, class A must.
+    """
     from .attacks.backdoor import plan_backdoor
     from .attacks.multi_label import plan_multi_label
+    from .attacks.plan import ImagePool
     from .attacks.single_image import plan_single_image
     from .attacks.single_label import plan_single_label
-    from .labels import class_masks
+    from .labels import class_masks, known_classes
 
     for a, b in spec.goals:
         if a == b:
             raise UsageError(f"goal {a}2{b}: source and target class are the same")
-    classes = [c for g in spec.goals for c in g if c]
-    masks = class_masks(catalog, list(dict.fromkeys(classes)), label_from)
+    classes = list(dict.fromkeys(c for g in spec.goals for c in g if c))
     planner = {"single-image": plan_single_image, "single-label": plan_single_label,
                "multi-label": plan_multi_label, "patch": plan_backdoor, "blended": plan_backdoor,
                "label-consistent": plan_backdoor}[spec.attack]
-    return planner(catalog, spec, masks)
+    if pool_catalog is None:
+        return planner(catalog, spec, class_masks(catalog, classes, label_from))
+    sources = list(dict.fromkeys(a for a, _ in spec.goals if a))
+    masks = {**_lenient_masks(catalog, classes, label_from), **class_masks(catalog, sources, label_from)}
+    pool_masks = _lenient_masks(pool_catalog, classes, label_from)
+    for a, b in spec.goals:
+        if b and not pool_masks[b].any() and not (spec.attack == "single-image" and spec.target_key):
+            known = known_classes(pool_catalog, label_from)
+            listing = ", ".join(f"{k} ({v})" for k, v in list(known.items())[:30]) or "none"
+            raise UsageError(f"the image pool has no class-{b} image (labels from {label_from}); "
+                             f"pool classes: {listing}")
+    return planner(catalog, spec, masks, pool=ImagePool(pool_catalog, pool_masks))
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _remove_pool_work(out_dir: Path, remove_out: bool) -> None:
+    """Remove the image pool's work area (and `out_dir` itself when this run created it and it is empty)."""
+    shutil.rmtree(out_dir / POOL_WORK, ignore_errors=True)
+    if remove_out:
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
+
+
+def _check_distinct(rows: list[dict], edits: list, catalog, pool, perturb: str) -> None:
+    """Raise ShardError when two perturbed copies, or a copy and its source, share bytes."""
+    seen: dict[str, str] = {}
+    source_sha = {}
+    for origin, cat in (("dataset", catalog), ("pool", pool.catalog if pool is not None else None)):
+        keys = {e.image_source[1] for e in edits if e.image_origin == origin}
+        if cat is not None and keys:
+            sub = cat[cat["key"].isin(keys)]
+            source_sha.update({(origin, s, k): h for s, k, h in sub[["shard", "key", "sha256"]].itertuples(index=False)})
+    for r, e in zip(rows, edits):
+        if r["sha256"] == source_sha.get(image_ref(e)):
+            raise ShardError(r["shard"], f"--perturb {perturb}: the copy equals its source image", key=r["key"])
+        if r["sha256"] in seen:
+            raise ShardError(r["shard"], f"--perturb {perturb}: two copies came out byte-identical "
+                             f"(with {seen[r['sha256']]}); the image is too small to mark", key=r["key"])
+        seen[r["sha256"]] = r["key"]
 
 
 def _check_out(out: Path, in_root: Path, input_names: set[str]) -> None:
@@ -297,6 +379,8 @@ def poison_dataset(
     trigger_pattern: str = "checkerboard",
     opacity: float = 0.1,
     caption_only: bool = False,
+    images_from: str | None = None,
+    perturb: str | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     retries: int = 1,
@@ -308,10 +392,15 @@ def poison_dataset(
     `count` (per goal), `rate` (pairs over the output dataset) or `source_fraction` (of class A;
     default 1.0 for dirty-label attacks). `mode` is `replace` (same size, keys kept) or `inject`
     (new pairs appended with new keys). `caption_only` (internal; dirty-label attacks) makes the
-    pairs by giving class-B samples class-A captions, so no image moves. A rerun resumes: shards
-    whose stats match the input fingerprint and the plan are skipped (`overwrite` redoes all).
-    Raises UsageError for bad requests before anything is written.
+    pairs by giving class-B samples class-A captions, so no image moves.
+    `images_from` (dirty-label attacks): shards or a `folder`-layout folder whose images are the
+    class-B images instead of the dataset's (samples bytes-equal to a dataset image excluded);
+    `perturb` (dirty-label attacks): `reencode`, `resize`, `crop` or `jitter`, applied to every
+    poison copy with its own seed so no two copies share bytes (see `attacks/perturb.py`).
+    A rerun resumes: shards whose stats match the input fingerprint and the plan are skipped
+    (`overwrite` redoes all). Raises UsageError for bad requests before anything is written.
     """
+    from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
     from .catalog import build_catalog
     from .engine import dask_client, map_shards
@@ -331,23 +420,55 @@ def poison_dataset(
         raise UsageError(f"--count must be at least 1, got {count}")
     if caption_only and (attack not in ("single-label", "multi-label") or mode != "replace"):
         raise UsageError("caption-only plans exist for single-label/multi-label in replace mode only")
+    check_kind(perturb)
+    for name, value in (("--images-from", images_from), ("--perturb", perturb)):
+        if value is not None and attack not in DIRTY_LABEL:
+            raise UsageError(f"{name} applies to the dirty-label attacks ({', '.join(DIRTY_LABEL)}), not {attack}")
+        if value is not None and caption_only:
+            raise UsageError(f"{name} cannot be combined with caption-only plans (no image moves)")
+    if images_from is not None and not str(images_from).strip():
+        raise UsageError("--images-from needs a folder or shard spec")
     paths = expand_shards(shards)
     in_root = paths[0].parent
     names = [shard_stem(p) for p in paths]
     out_dir = Path(out)
     _check_out(out_dir, in_root, {p.name for p in paths})
+    if images_from is not None:
+        from .attacks.pool import pool_roots
+
+        for root in pool_roots(str(images_from)):
+            out_r, root_r = out_dir.resolve(), root.resolve()
+            if out_r == root_r or root_r in out_r.parents:
+                raise UsageError(f"output directory {out} is the --images-from directory or inside it")
+            if out_r in root_r.parents:
+                raise UsageError(f"--images-from {images_from} is inside the output directory {out}")
     goal_pairs = _goals(attack, goals, source, target, target_key)
     spec = AttackSpec(attack=attack, goals=goal_pairs, mode=mode, seed=int(seed),
                       source_fraction=source_fraction, count=count, rate=rate, target_key=target_key,
                       trigger_size=int(trigger_size), trigger_position=trigger_position,
                       trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
     catalog = build_catalog(paths, scheduler=scheduler, workers=workers, retries=retries)
-    plan = make_plan(catalog, spec, label_from)
+    pool = None
+    pool_work = out_dir / POOL_WORK
+    created_out = not out_dir.exists()
+    try:
+        if images_from is not None:
+            from .attacks.pool import load_pool
+
+            pool = load_pool(str(images_from), work_dir=pool_work, dataset_sha256=catalog["sha256"],
+                             scheduler=scheduler, workers=workers, retries=retries)
+        plan = make_plan(catalog, spec, label_from, pool_catalog=pool.catalog if pool else None)
+    except BaseException:
+        _remove_pool_work(out_dir, created_out)
+        raise
+    if perturb is not None:
+        plan.edits = [replace(e, perturb=Perturbation(perturb, int(seed), i)) for i, e in enumerate(plan.edits)]
 
     spec_dict = {**asdict(spec), "goals": [f"{a or 'any'}2{b or 'one'}" for a, b in spec.goals],
-                 "label_from": label_from}
+                 "label_from": label_from, "images_from": images_from, "perturb": perturb}
     fingerprint = _hash(catalog[["key", "shard", "sha256", "caption"]].values.tolist())
-    full_hash = _hash({"spec": spec_dict, "catalog": fingerprint})
+    full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
+                       "pool": pool.info["fingerprint"] if pool else None})
     by_shard = plan.by_shard()
     shard_paths = {p.name: str(p) for p in paths}
     tasks = []
@@ -364,6 +485,7 @@ def poison_dataset(
         from .shards import file_fingerprint, outputs_done
         if prev and prev.get("spec_hash") == full_hash and all(
                 outputs_done(out_dir, t.name, input=file_fingerprint(t.src), spec=t.spec_hash) for t in tasks):
+            _remove_pool_work(out_dir, False)
             return prev
     for stale in ("poison.json", "manifest.parquet", "sizes.json"):
         (out_dir / stale).unlink(missing_ok=True)
@@ -371,18 +493,20 @@ def poison_dataset(
     pending = [t for t in tasks if t.name not in results]
     if pending:
         # read every needed source sample in one pass per input shard, then splice each shard
-        needed: dict[str, set[str]] = {}
+        needed: dict[tuple[str, str], set[str]] = {}
         for t in pending:
             for e in t.edits:
-                for shard, key in (e.template, e.image_source):
-                    needed.setdefault(shard, set()).add(key)
+                for origin, shard, key in (template_ref(e), image_ref(e)):
+                    needed.setdefault((origin, shard), set()).add(key)
         with dask_client(scheduler, workers) as client:
-            extract = [ExtractTask(shard_stem(n), shard_paths[n], tuple(sorted(k))) for n, k in sorted(needed.items())]
+            extract = [ExtractTask(("pool-" if o == "pool" else "") + shard_stem(n),
+                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o)
+                       for (o, n), k in sorted(needed.items())]
             got = map_shards(extract_samples, extract, client=client, retries=retries, desc="poison-read")
             sources = {}
             for r in got.results.values():
                 sources.update(r["samples"])
-            pending = [replace(t, sources={ref: sources[ref] for e in t.edits for ref in (e.template, e.image_source)})
+            pending = [replace(t, sources={ref: sources[ref] for e in t.edits for ref in (template_ref(e), image_ref(e))})
                        for t in pending]
             run = map_shards(poison_shard, pending, client=client, retries=retries, desc="poison")
         results.update(run.results)
@@ -392,9 +516,18 @@ def poison_dataset(
     hashes = {}
     for t in tasks:
         hashes.update(results[t.name]["sha256"])
-    rows = [{**r, "sha256": hashes[r["key"]]} for r in plan.rows]
+    rows = [{**r, "sha256": hashes[r["key"]], "perturb": perturb or "none"} for r in plan.rows]
+    if pool is not None:  # name pool images as the user knows them: pool shard path / folder file
+        names_of = {(s, k): (os_, ok) for s, k, os_, ok in
+                    pool.catalog[["shard", "key", "origin_shard", "origin_key"]].itertuples(index=False)}
+        for r in rows:
+            if r["image_origin"] == "pool":
+                r["image_source_shard"], r["image_source_key"] = names_of[(r["image_source_shard"], r["image_source_key"])]
+    if perturb is not None:
+        _check_distinct(rows, plan.edits, catalog, pool, perturb)
     columns = ["key", "shard", "attack", "goal", "source_shard", "source_key", "image_source_shard",
-               "image_source_key", "caption", "mode", "sha256"]
+               "image_source_key", "image_origin", "caption", "mode", "perturb", "sha256"]
+    columns += [c for c in dict.fromkeys(k for r in rows for k in r) if c.startswith("trigger_")]
     sizes = write_sizes(out_dir)
     total_out = sum(sizes[p.name] for p in paths)
     write_parquet_atomic(pd.DataFrame(rows, columns=columns), out_dir / "manifest.parquet")
@@ -411,6 +544,8 @@ def poison_dataset(
         "counts": {"samples_in": int(len(catalog)), "samples_out": int(total_out),
                    "poisoned": len(rows), "per_shard": {t.name + ".tar": len(t.edits) for t in tasks}},
         "goals": [{"goal": g, "poisoned": n, "rate": n / total_out} for g, n in per_goal.items()],
+        "images_from": pool.info if pool else None,
+        "perturb": perturb,
         "rate": len(rows) / total_out,
         "rate_unit": "poisoned pairs / pairs in the output dataset (one caption per sample)",
         "manifest": "manifest.parquet",
@@ -418,4 +553,5 @@ def poison_dataset(
     }
     write_json_atomic(done_file, result)
     shutil.rmtree(out_dir / PARTS, ignore_errors=True)
+    _remove_pool_work(out_dir, False)
     return result

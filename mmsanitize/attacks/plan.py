@@ -2,8 +2,9 @@
 
 A PoisonPlan is a list of Edits (one per poisoned sample) plus one manifest row per edit. An Edit
 names where the new sample goes (output shard + key, replacing a key or appended), its caption,
-the sample whose json is the template for its metadata, the sample whose image it carries, and an
-optional trigger to stamp on that image. Images are always taken from the *input* dataset.
+the sample whose json is the template for its metadata, the sample whose image it carries (in the
+input dataset, or with `poison --images-from` in an image pool outside it), an optional trigger to
+stamp on that image and an optional per-copy perturbation (`poison --perturb`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ class Trigger:
 
 @dataclass(frozen=True)
 class Edit:
-    """One poisoned sample to write; sample references are (shard file name, key) of the input."""
+    """One poisoned sample to write; sample references are (shard file name, key).
+
+    `template` is always a sample of the input dataset; `image_source` is one of the dataset
+    (`image_origin` "dataset") or of the image pool (`image_origin` "pool"). `perturb` is a
+    `perturb.Perturbation` (kind, seed, copy index) or None.
+    """
 
     shard: str
     key: str
@@ -44,6 +50,18 @@ class Edit:
     template: tuple[str, str]
     image_source: tuple[str, str]
     trigger: Trigger | None = None
+    image_origin: str = "dataset"
+    perturb: object = None
+
+
+@dataclass(frozen=True)
+class ImagePool:
+    """Class-B images from outside the dataset (`poison --images-from`): the pool's catalog rows
+    that may be used (copies of dataset images already removed) and one boolean mask per class,
+    aligned with those rows (all False for a class the pool does not have)."""
+
+    catalog: object
+    masks: dict
 
 
 @dataclass(frozen=True)
@@ -73,14 +91,18 @@ class PoisonPlan:
     rows: list[dict] = field(default_factory=list)
 
     def add(self, edit: Edit, *, attack: str, goal: str, mode: str, source: tuple[str, str]) -> None:
-        """Append an edit and its manifest row (`source` = the sample whose caption is used)."""
+        """Append an edit and its manifest row (`source` = the sample whose caption is used; an
+        edit with a trigger adds its fields as `trigger_*` columns)."""
         self.edits.append(edit)
-        self.rows.append({
+        row = {
             "key": edit.key, "shard": edit.shard, "attack": attack, "goal": goal,
             "source_shard": source[0], "source_key": source[1],
             "image_source_shard": edit.image_source[0], "image_source_key": edit.image_source[1],
-            "caption": edit.caption, "mode": mode,
-        })
+            "image_origin": edit.image_origin, "caption": edit.caption, "mode": mode,
+        }
+        if edit.trigger is not None:  # trigger_kind, _size, _x, _y, _pattern, _opacity, _seed
+            row.update({f"trigger_{k}": v for k, v in vars(edit.trigger).items()})
+        self.rows.append(row)
 
     def by_shard(self) -> dict[str, list[Edit]]:
         """Edits grouped by output shard file name."""
@@ -201,16 +223,23 @@ def check_goals(goals, need: int | None = 1) -> None:
 
 
 def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: int, a: str, b: str,
-                     a_mask: np.ndarray, b_mask: np.ndarray, placer: KeyPlacer, n_goals: int) -> list[int]:
+                     a_mask: np.ndarray, b_mask: np.ndarray, placer: KeyPlacer, n_goals: int,
+                     pool: ImagePool | None = None) -> list[int]:
     """Attack II for one goal (A2B): chosen class-A captions paired with class-B images.
 
     Samples in both masks belong to neither pool. Returns the catalog rows whose sample was
     changed (replace) or used as caption source. With `spec.caption_only` the pairs are made by
-    giving class-B samples class-A captions instead (each B sample at most once).
+    giving class-B samples class-A captions instead (each B sample at most once). With `pool`,
+    the class-B images are the pool's (its class-B rows that are not also class A), drawn by the
+    same procedure and seeded stream as dataset images.
     """
     rng = rng_for(spec.seed, goal_index)
     a_only, b_only = a_mask & ~b_mask, b_mask & ~a_mask
-    if not b_only.any():
+    if pool is not None:
+        pool_b = pool.masks[b] & ~pool.masks[a]
+        if not pool_b.any():
+            raise UsageError(f"goal {a}2{b}: the image pool has no class-{b} image to pair with")
+    elif not b_only.any():
         raise UsageError(f"goal {a}2{b}: no class-{b} image to pair with")
     n = poison_amount(spec, int(a_only.sum()), len(catalog), n_goals, goal_index, f"class-{a} samples")
     a_rows = pick(a_only, n, rng)
@@ -224,9 +253,15 @@ def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: in
             edit = Edit(shard, key, key, catalog.iloc[ar]["caption"], (shard, key), (shard, key))
             plan.add(edit, attack=spec.attack, goal=goal, mode="replace", source=ref(catalog, ar))
         return list(b_rows)
-    b_rows = cycle_images(np.flatnonzero(b_only), n, rng)
+    if pool is not None:
+        b_rows = cycle_images(np.flatnonzero(pool_b), n, rng)
+        image_catalog, origin = pool.catalog, "pool"
+    else:
+        b_rows = cycle_images(np.flatnonzero(b_only), n, rng)
+        image_catalog, origin = catalog, "dataset"
     for ar, br in zip(a_rows, b_rows):
         shard, key, replaces = placer.place(catalog, ar)
-        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(catalog, br))
+        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(image_catalog, br),
+                    image_origin=origin)
         plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=ref(catalog, ar))
     return list(a_rows)

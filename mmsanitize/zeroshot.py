@@ -1,0 +1,109 @@
+"""Zero-shot classification with an mmsanitize encoder (open_clip's zero-shot classifier recipe).
+
+A class's text embedding is the L2-normalised mean of the L2-normalised embeddings of its prompts
+(one prompt per template); an image is classified by the softmax of its cosine to every class
+embedding divided by a temperature (CLIP's logit scale 100 = temperature 0.01). Used by
+`evaluate` (backdoor success) and available to detectors (the image's zero-shot class against
+its caption's class).
+
+Templates are `str.format` strings with one `{}` for the class name, or callables
+`class_name -> prompt`; both kinds may be mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .errors import UsageError
+
+Template = str | Callable[[str], str]
+
+# open_clip.zero_shot_metadata.SIMPLE_IMAGENET_TEMPLATES (the 7 templates of the CLIP paper's
+# ImageNet ensemble selection), as format strings, wording unchanged.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def render_prompts(classes: Sequence[str], templates: Sequence[Template] = DEFAULT_TEMPLATES) -> list[str]:
+    """Every prompt, class-major: `[t(c) for c in classes for t in templates]` (str templates via format)."""
+    return [t.format(c) if isinstance(t, str) else t(c) for c in classes for t in templates]
+
+
+def class_text_embeddings(model, classes: list[str], templates: Sequence[Template] = DEFAULT_TEMPLATES,
+                          batch_size: int = 256) -> np.ndarray:
+    """Zero-shot class embeddings: float32 (C, D), row c = normalise(mean_t normalise(text_emb(t(c)))).
+
+    `model` is an mmsanitize encoder (`models.load_model`): it has `.tokenize(list[str])` (a tensor
+    or a dict of tensors) and `.encode_text(tokens)`. Prompts are encoded `batch_size` at a time
+    under `torch.no_grad()` with the model in eval mode (its previous mode is restored).
+    Raises UsageError for an empty class list or template list.
+    """
+    import torch
+
+    classes, templates = list(classes), list(templates)
+    if not classes:
+        raise UsageError("zero-shot classification needs at least one class name")
+    if not templates:
+        raise UsageError("zero-shot classification needs at least one prompt template")
+    prompts = render_prompts(classes, templates)
+    try:
+        dev = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        dev = torch.device("cpu")
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(prompts), max(1, int(batch_size))):
+                toks = model.tokenize(prompts[s:s + batch_size])
+                toks = {k: v.to(dev) for k, v in toks.items()} if isinstance(toks, dict) else toks.to(dev)
+                out.append(model.encode_text(toks).float().cpu().numpy())
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    emb = _normalize(np.concatenate(out).astype(np.float32))
+    emb = emb.reshape(len(classes), len(templates), -1).mean(axis=1)
+    return _normalize(emb)
+
+
+def zeroshot_probs(img_emb: np.ndarray, class_emb: np.ndarray, temperature: float = 0.01) -> np.ndarray:
+    """Class probabilities (N, C): softmax over classes of cosine(image, class) / `temperature`.
+
+    Both inputs are L2-normalised here (rows), so un-normalised embeddings are fine."""
+    if temperature <= 0:
+        raise UsageError(f"temperature must be positive, got {temperature}")
+    img, cls = _normalize(img_emb), _normalize(class_emb)
+    if img.shape[1] != cls.shape[1]:
+        raise UsageError(f"image embeddings have dimension {img.shape[1]}, class embeddings {cls.shape[1]}")
+    if len(cls) == 0:
+        raise UsageError("zero-shot classification needs at least one class embedding")
+    logits = (img @ cls.T) / np.float32(temperature)
+    logits -= logits.max(axis=1, keepdims=True, initial=-np.inf)
+    p = np.exp(logits)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def zeroshot_predict(img_emb: np.ndarray, class_emb: np.ndarray,
+                     temperature: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class index (N,) int64, its probability (N,) float32) from `zeroshot_probs`.
+
+    Ties go to the lower class index (numpy argmax)."""
+    p = zeroshot_probs(img_emb, class_emb, temperature)
+    idx = p.argmax(axis=1).astype(np.int64)
+    return idx, p[np.arange(len(p)), idx]
+
+
+def _normalize(x) -> np.ndarray:
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
