@@ -437,9 +437,14 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
 @click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: report precision/recall/AUROC.")
-@click.option("--detectors", default="similarity,image_reuse", show_default=True,
-              help="Comma list of similarity, image_reuse, caption_neighbours, density (density: use the suspect model).")
-@click.option("--combine", type=click.Choice(["mean", "max"]), default="mean", show_default=True)
+@click.option("--detectors", default="similarity,class_consistency,image_reuse", show_default=True,
+              help="Comma list of similarity, class_consistency, image_reuse, caption_neighbours, density, kdistance "
+                   "(density, kdistance: scan with the suspect model, Huang et al.).")
+@click.option("--classes", default="auto", show_default=True,
+              help="Class vocabulary for class_consistency: auto (the dataset's label names as caption keywords), "
+                   "openclipart, a vocabulary file (`class: word, word` lines or JSON) or a comma list.")
+@click.option("--combine", type=click.Choice(["zsum", "mean", "max"]), default="zsum", show_default=True,
+              help="zsum: sum of robust z-scores (each detector on one scale); mean/max: of ranks.")
 @click.option("--reuse-min", default="auto", show_default=True,
               help="Flag pairs whose image is shared with at least this many other captions and whose "
                    "caption fits it worse than the median pair; auto = 1 + the median count (0 = off).")
@@ -448,8 +453,8 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @dask_options
-def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, detectors, combine, reuse_min, k,
-         index_kind, seed, overwrite, scheduler, workers):
+def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, detectors, classes, combine, reuse_min,
+         k, index_kind, seed, overwrite, scheduler, workers):
     """Score every pair with the detectors and flag suspicious ones.
 
     Example: mmsanitize scan runs/p/ --model runs/ref/ --threshold auto --manifest runs/p/manifest.parquet --out runs/p-scan/
@@ -458,11 +463,13 @@ def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, det
 
     s = run(shards, out=out, threshold=threshold, flag_fraction=flag_fraction, embeddings=embeddings, model=model,
             manifest=manifest, detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
-            combine=combine, reuse_min=reuse_min, k=k, index_kind=index_kind, seed=seed, overwrite=overwrite,
-            scheduler=scheduler, workers=workers)
+            combine=combine, classes=classes, reuse_min=reuse_min, k=k, index_kind=index_kind, seed=seed,
+            overwrite=overwrite, scheduler=scheduler, workers=workers)
     thr = s["thresholds"].get("similarity")
     click.echo(f"flagged {s['flagged']:,} of {s['samples']:,} pairs ({s['fraction_flagged']:.2%})"
                + (f"; cosine threshold {thr:.4f}" if thr is not None else "") + f" -> {out}")
+    for name, why in s.get("detector_state", {}).get("skipped", {}).items():
+        click.echo(f"{name} skipped: {why}")
     det = s.get("detection")
     if det:
         print_table([{"detector": name, **{m: v for m, v in det[name].items()}}

@@ -34,8 +34,30 @@ def _vocabulary(path: str) -> dict[str, list[str]]:
         if not line or line.startswith("#"):
             continue
         cls, _, words = line.partition(":")
-        vocab[cls.strip()] = [w.strip() for w in (words or cls).split(",") if w.strip()]
+        cls = cls.strip()
+        listed = [w.strip() for w in words.split(",") if w.strip()]
+        vocab[cls] = list(dict.fromkeys([cls, *listed]))  # the class name itself always matches
     return vocab
+
+
+def load_vocabulary(path: str) -> dict[str, list[str]]:
+    """Class -> keywords from a vocabulary file (JSON or `class: word, word` lines); the class name
+    itself is always one of its keywords. Raises UsageError when the file is missing."""
+    return _vocabulary(path)
+
+
+def keyword_classes(captions, vocab: dict[str, list[str]]):
+    """Per caption, the index (in `vocab` order) of the first class whose keyword it contains as a
+    whole word (or its -s/-es plural), else -1. Returns an int64 numpy array."""
+    import numpy as np
+    import pandas as pd
+
+    caps = pd.Series(captions, dtype="object").fillna("").astype(str)
+    out = np.full(len(caps), -1, dtype=np.int64)
+    for i, words in enumerate(vocab.values()):
+        hit = keyword_mask(caps, words) & (out < 0)
+        out[hit] = i
+    return out
 
 
 def keyword_mask(captions, words: list[str]):

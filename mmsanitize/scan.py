@@ -30,14 +30,19 @@ from .errors import ShardError, UsageError
 from .shards import (expand_shards, file_fingerprint, json_bytes, shard_stem, write_json_atomic,
                      write_parquet_atomic)
 
-DETECTORS = ("similarity", "image_reuse", "caption_neighbours", "density")
-# Measured on OpenClipArt and Fashion-MNIST, Attacks I/II/III (docs/results.md §4): the mean of
-# similarity and image_reuse ranks reached AUROC 0.983-1.000 on every set; the mean of all four
-# detectors only 0.58-0.95, because caption_neighbours inverts on Attack I (every poisoned caption
-# shares one image, so its neighbours agree with it: AUROC 0.1) and density is ≈ chance under a
-# reference model. Both stay available with --detectors.
-DEFAULT_DETECTORS = ("similarity", "image_reuse")
-SCAN_VERSION = 2
+DETECTORS = ("similarity", "class_consistency", "image_reuse", "caption_neighbours", "density", "kdistance")
+# Chosen from measurements (docs/results_detection.md): an attacker who brings its own images or
+# re-encodes them defeats image_reuse, so class_consistency (does the image show the class its
+# caption names?) carries the dirty-label attacks, with similarity and image_reuse beside it.
+# caption_neighbours inverts on Attack I (every poisoned caption shares one image, so its
+# neighbourhood agrees with it); density and kdistance are meant for the suspect model's
+# embeddings (backdoors). All stay available with --detectors.
+DEFAULT_DETECTORS = ("similarity", "class_consistency", "image_reuse")
+COMBINE = ("zsum", "mean", "max")
+# class_consistency's auto rule: flag a pair when the (temperature-calibrated) probability that its
+# image shows its caption's class is below this.
+CLASS_MIN_PROB = 0.01
+SCAN_VERSION = 3
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -76,14 +81,69 @@ def rank_normalise(x: np.ndarray) -> np.ndarray:
     return (rankdata(x, method="average") - 1.0) / (n - 1.0)
 
 
-def combine_scores(scores: dict[str, np.ndarray], how: str = "mean") -> np.ndarray:
-    """Combine detector scores: rank-normalise each, then take their mean or max."""
+def robust_z(x: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """(x − median) / (1.4826 · MAD), fitted on a seeded sample; returns (z, {"median", "scale"}).
+
+    The median and MAD ignore a poisoned minority, so every detector lands on one scale whatever
+    its units. The scale has a floor (1e-3 of the score's spread, at least 1e-6) so a mostly
+    constant score (image_reuse counts) cannot divide by zero.
+    """
+    x = np.asarray(x, np.float64)
+    fit = x if len(x) <= sample else x[np.random.default_rng(seed).choice(len(x), sample, replace=False)]
+    if len(fit) == 0:
+        return x.copy(), {"median": 0.0, "scale": 1.0}
+    med = float(np.median(fit))
+    mad = 1.4826 * float(np.median(np.abs(fit - med)))
+    spread = float(np.quantile(fit, 0.99) - np.quantile(fit, 0.01))
+    scale = max(mad, 1e-3 * spread, 1e-6)
+    return (x - med) / scale, {"median": med, "scale": scale}
+
+
+def combine_scores(scores: dict[str, np.ndarray], how: str = "zsum", *, seed: int = 0) -> np.ndarray:
+    """Combine detector scores (higher = more suspicious) into one.
+
+    `zsum` (default): each score becomes a robust z-score (`robust_z`), clipped below at −3 so no
+    detector can veto the others, and the z-scores are summed: a detector that sees nothing adds
+    noise of about one unit, one that sees the poison adds many. `mean` / `max`: of the scores'
+    ranks scaled to [0, 1] (the older rule; a plain mean of ranks lets an uninformative detector
+    dilute an informative one).
+    """
+    if how == "zsum":
+        return np.sum([np.clip(robust_z(s, seed=seed)[0], -3.0, None) for s in scores.values()], 0)
     ranks = np.stack([rank_normalise(s) for s in scores.values()], 1)
     if how == "mean":
         return ranks.mean(1)
     if how == "max":
         return ranks.max(1)
-    raise UsageError(f"unknown --combine {how!r} (mean or max)")
+    raise UsageError(f"unknown --combine {how!r} (choose from {', '.join(COMBINE)})")
+
+
+def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[str], np.ndarray]:
+    """The class vocabulary and each caption's class index (−1 = no class keyword).
+
+    `classes`: "auto" (the dataset's own label names, matched as caption keywords), a vocabulary
+    file (`class: word, word` lines or JSON), "openclipart" (the packaged OpenClipArt vocabulary),
+    a comma list of class names, or None (no classes: class_consistency cannot run).
+    """
+    from pathlib import Path as _P
+
+    from .labels import keyword_classes, load_vocabulary
+
+    if classes is None:
+        return [], np.full(len(captions), -1, np.int64)
+    if classes == "auto":
+        names = [] if labels is None else [str(c) for c in dict.fromkeys(labels) if c is not None and str(c) != "nan"]
+        vocab = {c: [c] for c in sorted(names)}
+    elif classes == "openclipart":
+        vocab = load_vocabulary(str(_P(__file__).parent / "datasets" / "openclipart_classes.txt"))
+    elif _P(classes).is_file():
+        vocab = load_vocabulary(classes)
+    else:
+        names = [c.strip() for c in str(classes).split(",") if c.strip()]
+        if not names or any(("/" in c or c.endswith(".txt") or c.endswith(".json")) for c in names):
+            raise UsageError(f"--classes {classes!r}: not a vocabulary file, 'auto', 'openclipart' or a comma list")
+        vocab = {c: [c] for c in names}
+    return list(vocab), keyword_classes(captions, vocab)
 
 
 def run_detectors(
@@ -92,23 +152,30 @@ def run_detectors(
     *,
     sha256: np.ndarray | None = None,
     captions: np.ndarray | None = None,
+    caption_class: np.ndarray | None = None,
+    class_names: list[str] | None = None,
     detectors: tuple[str, ...] = DETECTORS,
     k: int = 10,
     index_kind: str = "auto",
     seed: int = 0,
     index_dir: str | os.PathLike | None = None,
     ids=None,
+    state: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the named detectors over L2-normalised float32 embeddings; returns name -> scores (N,).
 
-    Builds the image and text indexes once (saved with `ids` to `index_dir` when given).
+    Builds the image and text indexes once (saved with `ids` to `index_dir` when given). The
+    small global state each detector fits (class prototypes and temperature, near-duplicate
+    radius) is written into `state` when given, for summary.json. class_consistency needs
+    `caption_class` (see `caption_classes`) and is skipped (state["skipped"]) without it.
     """
-    from .detectors import caption_neighbours, density, image_reuse, similarity
+    from .detectors import caption_neighbours, class_consistency, density, image_reuse, similarity
     from .index import build_index, save_indexes
 
     unknown = set(detectors) - set(DETECTORS)
     if unknown:
         raise UsageError(f"unknown detector(s) {', '.join(sorted(unknown))} (choose from {', '.join(DETECTORS)})")
+    state = {} if state is None else state
     out: dict[str, np.ndarray] = {}
     need_index = any(d in detectors for d in ("image_reuse", "caption_neighbours")) or index_dir is not None
     image_index = build_index(img, kind=index_kind, seed=seed) if need_index else None
@@ -117,14 +184,40 @@ def run_detectors(
         save_indexes(index_dir, image_index, text_index, ids)
     if "similarity" in detectors:
         out["similarity"] = similarity.score(img, txt)
+    if "class_consistency" in detectors:
+        cls = None if caption_class is None else np.asarray(caption_class)
+        if cls is None or not class_names or (cls >= 0).sum() == 0:
+            state.setdefault("skipped", {})["class_consistency"] = (
+                "no caption names a class: give --classes (a vocabulary file, a comma list or 'openclipart')")
+        else:
+            protos, present = class_consistency.caption_prototypes(txt, cls, len(class_names))
+            if present.sum() < 2:
+                state.setdefault("skipped", {})["class_consistency"] = "fewer than 2 classes with 3 or more captions"
+            else:
+                temp = class_consistency.fit_temperature(img, cls, protos, present, seed=seed)
+                out["class_consistency"] = class_consistency.score(
+                    img, txt, prototypes=protos, present=present, caption_class=cls, temperature=temp)
+                p = class_consistency.image_class_probs(img, protos, present, temp)
+                state["class_consistency"] = {
+                    "classes": [c for c, ok in zip(class_names, present) if ok], "temperature": temp,
+                    "captions_with_class": float(np.mean(cls >= 0)), "min_prob": CLASS_MIN_PROB,
+                    "_image_class": p.argmax(1), "_image_prob": p.max(1), "_names": list(class_names)}
     if "image_reuse" in detectors:
-        out["image_reuse"] = image_reuse.score(img, txt, image_index=image_index, sha256=sha256, captions=captions)
+        rad = image_reuse.calibrated_radius(img, image_index, seed=seed)
+        state["image_reuse"] = rad
+        out["image_reuse"] = image_reuse.score(img, txt, image_index=image_index, sha256=sha256, captions=captions,
+                                               radius=rad["radius"])
     if "caption_neighbours" in detectors:
         out["caption_neighbours"] = caption_neighbours.score(img, txt, image_index=image_index,
                                                              text_index=text_index, k=k)
     if "density" in detectors:
         joint = density.joint(img, txt)
         out["density"] = density.score(joint, index=build_index(joint, kind=index_kind, seed=seed), k=k)
+    if "kdistance" in detectors:
+        union = build_index(np.concatenate([img, txt]), kind=index_kind, seed=seed)
+        out["kdistance"] = density.kdistance(img, txt, index=union, k=max(k, 16))
+        state["kdistance"] = {"method": "1 - cos of the image's k-th neighbour among all images and captions "
+                                        "(Huang et al. 2025)", "k": max(k, 16)}
     return out
 
 
@@ -177,7 +270,8 @@ def scan(
     model: str | None = None,
     manifest: str | os.PathLike | None = None,
     detectors: tuple[str, ...] = DEFAULT_DETECTORS,
-    combine: str = "mean",
+    combine: str = "zsum",
+    classes: str | None = "auto",
     reuse_min: int | str = "auto",
     k: int = 10,
     index_kind: str = "auto",
@@ -192,8 +286,9 @@ def scan(
 
     `threshold`: cosine (flag pairs below it) or "auto"; `flag_fraction`: flag the worst fraction
     by combined score; at least one is required. Without `embeddings` they are computed with
-    `model` into `out/embeddings/` (resumable per shard). A finished scan with the same inputs
-    and parameters is not recomputed. Raises UsageError/ShardError on bad input.
+    `model` into `out/embeddings/` (resumable per shard). `classes` names the class vocabulary of
+    class_consistency (see `caption_classes`). A finished scan with the same inputs and
+    parameters is not recomputed. Raises UsageError/ShardError on bad input.
     """
     import pandas as pd
 
@@ -207,8 +302,8 @@ def scan(
         raise UsageError("give --threshold (a cosine or 'auto') and/or --flag-fraction")
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
         raise UsageError(f"--flag-fraction {flag_fraction} is outside [0, 1]")
-    if combine not in ("mean", "max"):
-        raise UsageError(f"unknown --combine {combine!r} (mean or max)")
+    if combine not in COMBINE:
+        raise UsageError(f"unknown --combine {combine!r} (choose from {', '.join(COMBINE)})")
     paths = expand_shards(shards)
     names = [shard_stem(p) for p in paths]
     out = Path(out)
@@ -228,7 +323,7 @@ def scan(
         _check_model(card, model)
 
     params = {"version": SCAN_VERSION, "threshold": threshold, "flag_fraction": flag_fraction,
-              "detectors": list(detectors), "combine": combine, "reuse_min": reuse_min, "k": k,
+              "detectors": list(detectors), "combine": combine, "classes": classes, "reuse_min": reuse_min, "k": k,
               "index_kind": index_kind, "seed": seed, "model": card,
               "inputs": [file_fingerprint(p) for p in paths],
               "embeddings": [file_fingerprint(emb_dir / "img_emb" / f"img_emb_{n}.npy")
@@ -246,9 +341,14 @@ def scan(
     sha = cat["sha256"].to_numpy()
     caps = cat["caption"].to_numpy(dtype=object)
     ids = cat[["key", "shard"]]
-    scores = run_detectors(emb.img, emb.txt, sha256=sha, captions=caps, detectors=tuple(detectors), k=k,
-                           index_kind=index_kind, seed=seed, index_dir=out / "index", ids=ids)
-    combined = combine_scores(scores, combine)
+    labels = cat["label"].to_numpy(dtype=object) if "label" in cat.columns else None
+    class_names, caption_class = caption_classes(caps, classes, labels) if "class_consistency" in detectors \
+        else ([], None)
+    state: dict = {}
+    scores = run_detectors(emb.img, emb.txt, sha256=sha, captions=caps, caption_class=caption_class,
+                           class_names=class_names, detectors=tuple(detectors), k=k, index_kind=index_kind,
+                           seed=seed, index_dir=out / "index", ids=ids, state=state)
+    combined = combine_scores(scores, combine, seed=seed)
     n = len(combined)
     cos = 1.0 - scores["similarity"] if "similarity" in scores else None
 
@@ -267,6 +367,9 @@ def scan(
             t = float(threshold)
         thresholds["similarity"] = t
         fired["similarity"] = cos < t
+    if threshold is not None and "class_consistency" in scores:
+        thresholds["class_consistency"] = CLASS_MIN_PROB
+        fired["class_consistency"] = np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB
     if reuse_min == "auto":
         reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
         thresholds["image_reuse_auto"] = True
@@ -288,7 +391,8 @@ def scan(
         flagged |= f
     if top is not None:
         flagged |= top
-    reasons = _reasons(scores, fired, flagged, top, thresholds)
+    cc_state = state.get("class_consistency", {})
+    reasons = _reasons(scores, fired, flagged, top, thresholds, cc_state, caption_class)
 
     df = pd.DataFrame({"key": cat["key"].to_numpy(), "shard": cat["shard"].to_numpy()})
     for name, s in scores.items():
@@ -304,6 +408,8 @@ def scan(
                "thresholds": thresholds, "detectors": list(scores), "combine": combine,
                "flagged_by": {k_: int(v.sum()) for k_, v in fired.items()}, "model": card.get("name"),
                "embeddings": str(emb_dir), "index": {"kind": _kind_used(n, index_kind), "k": k},
+               "detector_state": {name: {k_: v for k_, v in st.items() if not k_.startswith("_")}
+                                  if isinstance(st, dict) else st for name, st in state.items()},
                "params_hash": phash}
     if manifest:
         summary["detection"] = _manifest_metrics(manifest, df, scores, combined, fired, flagged)
@@ -352,9 +458,10 @@ def _check_rows(meta, cat, names: list[str]) -> None:
                              key=str(c[bad[0]]))
 
 
-def _reasons(scores, fired, flagged, top, thresholds) -> list[str]:
+def _reasons(scores, fired, flagged, top, thresholds, cc_state=None, caption_class=None) -> list[str]:
     n = len(flagged)
     out = [""] * n
+    names = (cc_state or {}).get("_names", [])
     for i in np.nonzero(flagged)[0]:
         parts = []
         for name, f in fired.items():
@@ -367,6 +474,12 @@ def _reasons(scores, fired, flagged, top, thresholds) -> list[str]:
                 below = thresholds.get("image_reuse_cosine_below")
                 fit = ", its caption fits it worse than the median pair" if below is not None else ""
                 parts.append(f"image_reuse: image shared with {int(v)} other captions{fit}")
+            elif name == "class_consistency" and cc_state:
+                shown = names[int(cc_state["_image_class"][i])]
+                told = int(caption_class[i]) if caption_class is not None else -1
+                cap = f"caption says {names[told]!r}" if told >= 0 else "caption is closest to another class"
+                parts.append(f"class_consistency: image looks like {shown!r} (p {float(cc_state['_image_prob'][i]):.2f}), "
+                             f"{cap} (p {np.exp(-v):.3f})")
             else:
                 parts.append(f"{name}: {v:.3f} (top {thresholds.get('flag_fraction', 0):.1%})")
         if not parts and top is not None and top[i]:

@@ -212,7 +212,7 @@ def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_addre
     emb = tmp_path / "emb"
     main(["embed", str(poisoned), "--model", "tiny", "--out", str(emb), "--scheduler", dask_address])
     rng = np.random.default_rng(0)
-    for shard in ("00000", "00001"):
+    for shard in ("00000", "00001", "00002"):
         meta = pd.read_parquet(emb / "metadata" / f"metadata_{shard}.parquet")
         img = np.load(emb / "img_emb" / f"img_emb_{shard}.npy").astype(np.float32)
         d = img.shape[1]
@@ -227,7 +227,8 @@ def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_addre
         np.save(emb / "img_emb" / f"img_emb_{shard}.npy", img.astype(np.float16))
         np.save(emb / "text_emb" / f"text_emb_{shard}.npy", txt.astype(np.float16))
     out2 = tmp_path / "scan2"
-    _scan(poisoned, out2, dask_address, "--embeddings", str(emb), "--threshold", "-1", "--manifest", str(manifest))
+    _scan(poisoned, out2, dask_address, "--embeddings", str(emb), "--threshold", "-1", "--manifest", str(manifest),
+          "--detectors", "similarity,image_reuse")
     df = pd.read_parquet(out2 / "scores.parquet")
     assert set(df.loc[df["flagged"], "key"]) == set(keys)
     assert df.loc[df["flagged"], "reason"].str.contains("fits it worse than the median pair").all()

@@ -1,4 +1,4 @@
-"""Local-density outlier score of a pair in a (possibly poisoned) model's embedding space.
+"""Local-density outlier scores of a pair in a (possibly poisoned) model's embedding space.
 
 After Huang et al. (ICLR 2025): poisoned pairs sit in abnormal local neighbourhoods. The pair is
 represented by its joint vector [image, text]/√2 (cosine = mean of image and text cosines); its
@@ -41,3 +41,25 @@ def score(vectors: np.ndarray, *, index, k: int = 10, block: int = 1024) -> np.n
         kdist[a:a + len(q)] = np.maximum(1.0 - sims[:, -1], 0.0)
     eps = np.float32(1e-6)
     return ((kdist + eps) / (kdist[neigh].mean(axis=1) + eps)).astype(np.float32)
+
+
+def kdistance(img: np.ndarray, txt: np.ndarray, *, index, k: int = 16, block: int = 1024) -> np.ndarray:
+    """Huang et al.'s k-distance for image–text pairs: 1 − cos of the k-th nearest neighbour of the
+    image among all images *and* captions (`index` over `union(img, txt)`, img rows first), float32 (N,).
+
+    Self (row i) and the pair's own caption (row N + i) are skipped. Backdoored pairs sit in sparse
+    neighbourhoods of the poisoned model's space (their repository's `KDistanceDetector`), so run
+    this on the suspect model's embeddings.
+    """
+    n = len(img)
+    k = max(1, min(k, 2 * n - 2))
+    out = np.zeros(n, dtype=np.float32)
+    for a in range(0, n, block):
+        q = np.asarray(img[a:a + block], np.float32)
+        sims, ids = index.knn(q, k + 2)
+        rows = np.arange(a, a + len(q))[:, None]
+        own = (ids == rows) | (ids == rows + n)
+        order = np.argsort(own, axis=1, kind="stable")[:, :k]
+        sims = np.take_along_axis(sims, order, 1)
+        out[a:a + len(q)] = np.maximum(1.0 - sims[:, -1], 0.0)
+    return out

@@ -1,7 +1,8 @@
 """Attack I's signature: one image (same bytes or a near-duplicate) paired with many captions.
 
 For each pair, count the other pairs whose image is the same (equal sha256) or a near-duplicate
-(image cosine ≥ `radius`, clip-retrieval's dedup threshold 0.94) while their caption differs
+(image cosine ≥ `radius`: clip-retrieval's dedup threshold 0.94, raised for datasets whose
+images are unusually close to each other, see `calibrated_radius`) while their caption differs
 (different text and text cosine < `caption_radius`). Honest duplicates (same image, same caption)
 score 0; a target image reused by n poisoned captions scores n − 1 on each of them.
 """
@@ -11,17 +12,28 @@ from __future__ import annotations
 import numpy as np
 
 
-def concentrated(img: np.ndarray, radius: float = 0.94, *, pairs: int = 2000, seed: int = 0) -> bool:
-    """True when > 1% of random image pairs already have cosine ≥ `radius`: the space is too
-    collapsed (e.g. an untrained model) for near-duplicate search to mean anything."""
+def calibrated_radius(img: np.ndarray, image_index, *, radius: float = 0.94, sample: int = 20_000,
+                      seed: int = 0, collapsed: float = 0.98) -> dict:
+    """The near-duplicate radius for this dataset: max(`radius`, 1 − (1 − m)/4), where m is the
+    median cosine between an image and its nearest *other* image (seeded sample of queries).
+
+    A copy must sit four times closer than a typical nearest neighbour. The median cannot be moved
+    by an attacker who controls less than half of the data, unlike the old global guard (switch
+    near-duplicate search off when > 1% of random pairs exceed 0.94), which the attacker's own
+    copies tripped. A collapsed space (m ≥ `collapsed`, e.g. an untrained model, where every
+    image is every other's near-duplicate) gets radius None: exact hashes only.
+    Returns {"radius", "median_nn_cosine", "sampled"}.
+    """
     n = len(img)
-    if n < 3:
-        return False
+    if n < 3 or image_index is None:
+        return {"radius": float(radius), "median_nn_cosine": None, "sampled": 0}
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, n, pairs)
-    b = (a + rng.integers(1, n, pairs)) % n
-    cos = np.einsum("ij,ij->i", np.asarray(img[a], np.float32), np.asarray(img[b], np.float32))
-    return float((cos >= radius).mean()) > 0.01
+    rows = np.arange(n) if n <= sample else np.sort(rng.choice(n, sample, replace=False))
+    sims, ids = image_index.knn(np.asarray(img[rows], np.float32), 2)
+    nn = np.where(ids[:, 0] == rows, sims[:, 1], sims[:, 0])
+    med = float(np.median(nn))
+    r = None if med >= collapsed else float(max(radius, 1.0 - (1.0 - med) / 4.0))
+    return {"radius": r, "median_nn_cosine": med, "sampled": int(len(rows))}
 
 
 def score(
@@ -31,19 +43,20 @@ def score(
     image_index=None,
     sha256: np.ndarray | None = None,
     captions: np.ndarray | None = None,
-    radius: float = 0.94,
+    radius: float | None = 0.94,
     caption_radius: float = 0.94,
     block: int = 4096,
 ) -> np.ndarray:
     """Number of other pairs sharing this pair's image with a different caption (float32, (N,)).
 
-    `image_index` (over `img`, same row order) gives the near-duplicates; without it, or when
-    the image space is `concentrated`, only exact `sha256` matches count. `captions` (strings) lets identical captions count as the same.
+    `image_index` (over `img`, same row order) gives the near-duplicates (image cosine ≥ `radius`,
+    see `calibrated_radius`); without it only exact `sha256` matches count. `captions` (strings)
+    lets identical captions count as the same.
     """
     n = len(img)
     out = np.zeros(n, dtype=np.float32)
     pairs_a, pairs_b = [], []
-    if image_index is not None and not concentrated(img, radius):
+    if image_index is not None and radius is not None:
         for a in range(0, n, block):
             lims, _, ids = image_index.range_search(np.asarray(img[a:a + block], np.float32), radius)
             q = np.repeat(np.arange(a, a + len(lims) - 1), np.diff(lims))
