@@ -39,9 +39,13 @@ DETECTORS = ("similarity", "class_consistency", "image_reuse", "caption_neighbou
 # embeddings (backdoors). All stay available with --detectors.
 DEFAULT_DETECTORS = ("similarity", "class_consistency", "image_reuse")
 COMBINE = ("zsum", "mean", "max")
-# class_consistency's auto rule: flag a pair when the (temperature-calibrated) probability that its
-# image shows its caption's class is below this.
-CLASS_MIN_PROB = 0.01
+# class_consistency's auto rule: flag a pair when its image confidently shows another class
+# (top class probability >= CLASS_TOP_PROB) and the probability of its caption's class is below
+# CLASS_MIN_PROB. Chosen on development goals (fm trouser2sneaker, oca computer2flag; never the
+# goals results_detection.md reports): on clean fm/oca train splits it removes 3.2% / 4.7% of the
+# pairs; p < 0.01 alone missed half of fm's poison, p < 0.03 alone removed 21% of clean oca pairs.
+CLASS_MIN_PROB = 0.03
+CLASS_TOP_PROB = 0.5
 SCAN_VERSION = 3
 
 
@@ -200,7 +204,7 @@ def run_detectors(
                 p = class_consistency.image_class_probs(img, protos, present, temp)
                 state["class_consistency"] = {
                     "classes": [c for c, ok in zip(class_names, present) if ok], "temperature": temp,
-                    "captions_with_class": float(np.mean(cls >= 0)), "min_prob": CLASS_MIN_PROB,
+                    "captions_with_class": float(np.mean(cls >= 0)),
                     "_image_class": p.argmax(1), "_image_prob": p.max(1), "_names": list(class_names)}
     if "image_reuse" in detectors:
         rad = image_reuse.calibrated_radius(img, image_index, seed=seed)
@@ -368,8 +372,10 @@ def scan(
         thresholds["similarity"] = t
         fired["similarity"] = cos < t
     if threshold is not None and "class_consistency" in scores:
-        thresholds["class_consistency"] = CLASS_MIN_PROB
-        fired["class_consistency"] = np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB
+        thresholds["class_consistency"] = {"caption_class_prob_below": CLASS_MIN_PROB,
+                                           "image_top_class_prob_at_least": CLASS_TOP_PROB}
+        fired["class_consistency"] = ((np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB)
+                                      & (state["class_consistency"]["_image_prob"] >= CLASS_TOP_PROB))
     if reuse_min == "auto":
         reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
         thresholds["image_reuse_auto"] = True
