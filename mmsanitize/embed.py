@@ -100,15 +100,34 @@ def _normalise(x) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float16)
 
 
+def _embed_cached(model, path: str, shard: str):
+    """Offline models with pretrained (untrained) backbones: backbone features from the shared
+    feature cache (train.backbone_features, keyed by image/caption sha256), then the projections.
+    A scan of a poisoned copy of a dataset then computes backbone features only for new images."""
+    import torch
+
+    from .train import backbone_features
+
+    with torch.no_grad():
+        meta, fi, ft = backbone_features(model, path)
+        img = _normalise(model.image_proj(fi))
+        txt = _normalise(model.text_proj(ft))
+    rows = [{"key": k, "caption": c, "row": i, "shard": shard}
+            for i, (k, c) in enumerate(zip(meta["key"], meta["caption"]))]
+    return img, txt, rows
+
+
 def embed_shard(task: EmbedTask) -> dict:
     """Dask task: embed one shard and write its three files, then its done marker; returns stats."""
-    import pandas as pd
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
     model = get_model(task.spec)
     shard = Path(task.path).name
     out = Path(task.out)
+    if getattr(model, "family", "") == "offline" and not getattr(model, "backbones_trained", True):
+        img, txt, rows = _embed_cached(model, task.path, shard)
+        return _write_shard(task, out, img, txt, rows)
     img_parts, txt_parts, rows = [], [], []
     with ThreadPoolExecutor(1) as pool, torch.no_grad():
         batches = _batches(task.path, task.batch_size)
@@ -124,8 +143,12 @@ def embed_shard(task: EmbedTask) -> dict:
             for s in samples:
                 rows.append({"key": s.key, "caption": s.caption, "row": len(rows), "shard": shard})
             fut, samples = fut_next, nxt
-    img = np.concatenate(img_parts)
-    txt = np.concatenate(txt_parts)
+    return _write_shard(task, out, np.concatenate(img_parts), np.concatenate(txt_parts), rows)
+
+
+def _write_shard(task: EmbedTask, out: Path, img: np.ndarray, txt: np.ndarray, rows: list[dict]) -> dict:
+    import pandas as pd
+
     for sub, arr in (("img_emb", img), ("text_emb", txt)):
         path = out / sub / f"{sub}_{task.name}.npy"
         tmp = path.with_name(path.name + ".tmp")

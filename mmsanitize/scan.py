@@ -144,7 +144,7 @@ def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[st
         vocab = load_vocabulary(classes)
     else:
         names = [c.strip() for c in str(classes).split(",") if c.strip()]
-        if not names or any(("/" in c or c.endswith(".txt") or c.endswith(".json")) for c in names):
+        if not names or any("/" in c or c.endswith((".txt", ".json")) for c in names):
             raise UsageError(f"--classes {classes!r}: not a vocabulary file, 'auto', 'openclipart' or a comma list")
         vocab = {c: [c] for c in names}
     return list(vocab), keyword_classes(captions, vocab)

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from mmsanitize.cli import main
 from mmsanitize.detectors import class_consistency, density, image_reuse, similarity
@@ -70,7 +69,7 @@ def test_class_consistency_uses_nearest_prototype_for_captions_without_a_class()
 
 def test_image_reuse_radius_is_not_switched_off_by_the_attackers_copies():
     rng = np.random.default_rng(1)
-    img, txt, cls, _ = class_pairs(n=1500, poison=0)
+    img, txt, _, _ = class_pairs(n=1500, poison=0)
     # Attack I with perturbed copies: 8% of the pairs carry near-duplicates of one image
     copies = _unit(img[[7] * 130] + 0.02 * rng.normal(size=(130, img.shape[1])))
     img2, txt2 = np.r_[img, copies], np.r_[txt, txt[rng.integers(0, 1500, 130)]]
@@ -126,7 +125,7 @@ def test_vocabulary_keeps_the_class_name_and_caption_classes(tmp_path):
     assert names2 == names and list(cls2) == list(cls)
     names3, cls3 = caption_classes(["a dog", "a boat", "a cat"], "auto", labels=["dog", "boat", "dog"])
     assert names3 == ["boat", "dog"] and list(cls3) == [1, 0, -1]
-    names4, cls4 = caption_classes(["a dog", "a boat"], "boat,dog")
+    _, cls4 = caption_classes(["a dog", "a boat"], "boat,dog")
     assert list(cls4) == [1, 0]
     state = {}
     run_detectors(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), detectors=("class_consistency",),
