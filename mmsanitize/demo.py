@@ -46,7 +46,9 @@ def run_demo(
                             seed=seed, **dask)
     manifest = str(poisoned / "manifest.parquet")
     scan_dir = out / "scan"
-    scanned = scan(str(poisoned), out=str(scan_dir), model=str(ref), threshold="auto", manifest=manifest, **dask)
+    classes = "openclipart" if dataset == "openclipart" else "auto"  # the packaged vocabulary with synonyms
+    scanned = scan(str(poisoned), out=str(scan_dir), model=str(ref), threshold="auto", manifest=manifest,
+                   classes=classes, **dask)
     clean_dir = out / "sanitized"
     sanitized = sanitize(str(poisoned), scan=str(scan_dir), out=str(clean_dir), **dask)
     models = {"reference": ref}
