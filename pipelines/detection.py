@@ -265,6 +265,11 @@ class Plan:
                                                    "--flag-fraction", 0.01, "--manifest", s.dir / "poison" / "manifest.parquet",
                                                    "--seed", 0, *DASK, "--out", s.dir / "density_scan"],
                      s.dir / "density_scan" / "summary.json", [t], "scan")
+            # a backdoor with a caption of another class is also a dirty-label pair: the default scan with REF
+            self.add(f"{ds}/{name}/ref_scan", ["scan", s.dir / "poison", "--model", self.ref(ds), "--threshold", "auto",
+                                               *CLASSES[ds], "--manifest", s.dir / "poison" / "manifest.parquet",
+                                               "--seed", 0, *DASK, "--out", s.dir / "ref_scan"],
+                     s.dir / "ref_scan" / "summary.json", [p, f"{ds}/align"], "scan")
 
     def backdoor_amount(self, ds, rate) -> list:
         """--rate R, or --count BACKDOOR_MIN_COUNT when R asks for fewer pairs (inject: R·N/(1−R))."""

@@ -241,10 +241,13 @@ class Report:
              "captions include a class-T caption (i2t@10), and fraction zero-shot-classified as T. Cells: triggered "
              "(untriggered). Suspect-model scan = `scan --model POISONED_MODEL --detectors kdistance,density "
              "--flag-fraction 0.01`: kdistance is Huang et al.'s k-distance (image among all images and captions), "
-             "density the joint-vector LOF; target: the better one's AUROC ≥ 0.95.", "",
+             "density the joint-vector LOF; target: the better one's AUROC ≥ 0.95. 'REF scan' = the default scan "
+             "(`--model REF --threshold auto`): a patch/blended backdoor pairs a class-T caption with an image of "
+             "another class, so class_consistency sees it too.", "",
              "| dataset | attack → target | rate asked | #poisoned (rate) | poisoned: ASR i2t@10 | poisoned: zero-shot | "
-             "clean: ASR i2t@10 | clean: zero-shot | kdistance AUROC | density AUROC | recall @1% flagged | ≥ 0.95 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "clean: ASR i2t@10 | clean: zero-shot | kdistance AUROC | density AUROC | recall @1% flagged | ≥ 0.95 | "
+             "REF scan AUROC | REF scan recall (auto) | REF scan clean removed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in sets:
             pj = load(s.dir / "poison" / "poison.json") or {}
             n, r = (pj.get("counts") or {}).get("poisoned"), pj.get("rate")
@@ -265,12 +268,24 @@ class Report:
             rec = (det.get("combined") or {}).get("recall")
             L.append(f"| {s.ds} | {s.attack} → {s.goals[0].split('2', 1)[1]} | {pct(s.rate)} | "
                      f"{n if n is not None else NA} ({pct(r)}) | {pa[0]} | {pa[1]} | {ca[0]} | {ca[1]} | {f3(ak)} | "
-                     f"{f3(ad)} | {f3(rec)} | {mark(None if best is None else best >= TARGET_DENSITY)} |")
+                     f"{f3(ad)} | {f3(rec)} | {mark(None if best is None else best >= TARGET_DENSITY)} | "
+                     f"{self.ref_scan_cells(s)} |")
         b = next((load(s.dir / "metrics.json") for s in sets if load(s.dir / "metrics.json")), None)
         bd = next(iter(((b or {}).get("backdoor") or {}).values()), None)
         if bd:
             L += ["", f"Chance zero-shot = {f3(bd.get('chance_zeroshot'))}; ASR measured on {bd.get('images')} triggered test images."]
         return L + [""]
+
+    def ref_scan_cells(self, s) -> str:
+        """AUROC | recall | clean removed of the default REF scan of a backdoor set."""
+        d = load(s.dir / "ref_scan" / "summary.json") or {}
+        c = (d.get("detection") or {}).get("combined") or {}
+        if not c:
+            return f"{NA} | {NA} | {NA}"
+        pois, flagged, n = (d.get("detection") or {}).get("poisoned"), c.get("flagged"), d.get("samples")
+        tp = None if c.get("recall") is None or pois is None else round(c["recall"] * pois)
+        removed = None if None in (tp, flagged, n, pois) or n == pois else (flagged - tp) / (n - pois)
+        return f"{f3(c.get('auroc'))} | {f3(c.get('recall'))} | {pct(removed)}"
 
     # ----------------------------------------------------------------- plots
     def plots(self, per) -> list[str]:
