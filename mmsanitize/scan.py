@@ -483,7 +483,8 @@ def _reasons(scores, fired, flagged, top, thresholds, cc_state=None, caption_cla
             elif name == "class_consistency" and cc_state:
                 shown = names[int(cc_state["_image_class"][i])]
                 told = int(caption_class[i]) if caption_class is not None else -1
-                cap = f"caption says {names[told]!r}" if told >= 0 else "caption is closest to another class"
+                known = told >= 0 and names[told] in cc_state.get("classes", ())
+                cap = f"caption says {names[told]!r}" if known else "caption is closest to another class"
                 parts.append(f"class_consistency: image looks like {shown!r} (p {float(cc_state['_image_prob'][i]):.2f}), "
                              f"{cap} (p {np.exp(-v):.3f})")
             else:
