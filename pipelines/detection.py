@@ -255,7 +255,7 @@ class Plan:
         for attack, r in cells:
             name = f"{attack}_{target}_{r}"
             s = SetInfo(ds, name, "backdoor", attack, "trigger", r, [f"any2{target}"], self.w / ds / name)
-            p = self.poison_step(s, lambda r=r: ["--attack", attack, "--target", target, "--mode", "inject",
+            p = self.poison_step(s, lambda r=r, attack=attack: ["--attack", attack, "--target", target, "--mode", "inject",
                                                  *self.backdoor_amount(ds, r)])
             self.sets.append(s)
             t = self.train_eval(s, s.dir / "poison", "", p)
