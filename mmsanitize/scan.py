@@ -39,14 +39,16 @@ DETECTORS = ("similarity", "class_consistency", "image_reuse", "caption_neighbou
 # embeddings (backdoors). All stay available with --detectors.
 DEFAULT_DETECTORS = ("similarity", "class_consistency", "image_reuse")
 COMBINE = ("zsum", "mean", "max")
-# class_consistency's auto rule: flag a pair when its image confidently shows another class
-# (top class probability >= CLASS_TOP_PROB) and the probability of its caption's class is below
-# CLASS_MIN_PROB. Chosen on development goals (fm trouser2sneaker, oca computer2flag; never the
-# goals results_detection.md reports): on clean fm/oca train splits it removes 3.2% / 4.7% of the
-# pairs; p < 0.01 alone missed half of fm's poison, p < 0.03 alone removed 21% of clean oca pairs.
+# class_consistency's auto rule: flag a pair when its caption names a class of the vocabulary, its
+# image confidently shows another class (top class probability >= CLASS_TOP_PROB) and the
+# probability of the caption's class is below CLASS_MIN_PROB. Chosen on development goals (fm
+# trouser2sneaker, oca computer2flag, fresh pool images at 1% and 5%, and the clean train splits;
+# never the goals results_detection.md reports), see docs/scanning.md: with every rule together it
+# removes 3.3% (fm) / 5.3% (oca) of the clean train pairs where p < 0.03 with top >= 0.5 and any
+# caption removed 3.8% / 7.6%; on fm it still recalls 0.92 (1%) and 1.00 (5%) of the poison.
 CLASS_MIN_PROB = 0.03
-CLASS_TOP_PROB = 0.5
-SCAN_VERSION = 3
+CLASS_TOP_PROB = 0.7
+SCAN_VERSION = 4
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -327,7 +329,8 @@ def scan(
         _check_model(card, model)
 
     params = {"version": SCAN_VERSION, "threshold": threshold, "flag_fraction": flag_fraction,
-              "detectors": list(detectors), "combine": combine, "classes": classes, "reuse_min": reuse_min, "k": k,
+              "detectors": list(detectors), "combine": combine, "classes": classes,
+              "class_rule": [CLASS_MIN_PROB, CLASS_TOP_PROB], "reuse_min": reuse_min, "k": k,
               "index_kind": index_kind, "seed": seed, "model": card,
               "inputs": [file_fingerprint(p) for p in paths],
               "embeddings": [file_fingerprint(emb_dir / "img_emb" / f"img_emb_{n}.npy")
@@ -373,9 +376,12 @@ def scan(
         fired["similarity"] = cos < t
     if threshold is not None and "class_consistency" in scores:
         thresholds["class_consistency"] = {"caption_class_prob_below": CLASS_MIN_PROB,
-                                           "image_top_class_prob_at_least": CLASS_TOP_PROB}
+                                           "image_top_class_prob_at_least": CLASS_TOP_PROB,
+                                           "caption_names_a_class": True}
+        cc_state = state["class_consistency"]
+        named = np.isin(np.asarray(class_names, dtype=object)[np.clip(caption_class, 0, None)], cc_state["classes"])
         fired["class_consistency"] = ((np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB)
-                                      & (state["class_consistency"]["_image_prob"] >= CLASS_TOP_PROB))
+                                      & (cc_state["_image_prob"] >= CLASS_TOP_PROB) & (caption_class >= 0) & named)
     if reuse_min == "auto":
         reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
         thresholds["image_reuse_auto"] = True
