@@ -298,19 +298,20 @@ class Report:
         if per:
             names = sorted({n for d, _, _ in per.values() for n in d})
             sets = list(per)
-            fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(sets) * (len(names) + 1) / 2.2), 4.2))
-            wdt = 0.8 / (len(names) + 1)
-            x = np.arange(len(sets))
-            for i, n in enumerate(names + ["default"]):
-                v = [(per[s][1] if n == "default" else per[s][0].get(n)) for s in sets]
-                ax.bar(x + i * wdt - 0.4 + wdt / 2, [np.nan if a is None else a for a in v], wdt, label=n)
-            ax.axhline(TARGET_AUROC, color="k", lw=0.8, ls="--")
-            ax.axhline(0.5, color="grey", lw=0.6, ls=":")
-            ax.set_xticks(x, [f"{s.ds} {s.attack} {s.images[:6]} {s.rate:g}" for s in sets], rotation=45, ha="right", fontsize=7)
-            ax.set_ylim(0, 1.02)
-            ax.set_ylabel("AUROC")
-            ax.set_title("AUROC per detector (dashed: target 0.95)")
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            cols = names + ["default"]
+            grid = np.array([[np.nan if (v := (per[st][1] if n == "default" else per[st][0].get(n))) is None else v
+                              for n in cols] for st in sets], dtype=float)
+            fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 3.5, 0.32 * len(sets) + 1.6))
+            im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+            for (r, c), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            fontweight="bold" if v >= TARGET_AUROC else "normal")
+            ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+            ax.set_yticks(range(len(sets)), [f"{st.ds} {st.attack} {st.images} {st.rate:g}" for st in sets], fontsize=7)
+            ax.set_title(f"AUROC per detector (bold: ≥ {TARGET_AUROC}); 'default' = the default scan's combined score",
+                         fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.03)
             fig.tight_layout()
             fig.savefig(self.img / "detection_auroc.png", dpi=120)
             plt.close(fig)
