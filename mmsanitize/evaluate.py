@@ -53,7 +53,8 @@ def embed_split(model, test, *, batch_size: int = 64, workers: int = 0):
     model.eval()
     dev = next(model.parameters()).device
     with torch.no_grad():
-        if getattr(model, "family", "") == "offline":
+        # the feature cache holds *pretrained* backbone features: only for models whose backbones never trained
+        if getattr(model, "family", "") == "offline" and not getattr(model, "backbones_trained", True):
             meta, fi, ft = backbone_features(model, test, batch_size=batch_size, workers=workers)
             img = model.image_proj(fi.to(dev)).float().cpu().numpy()
             txt = model.text_proj(ft.to(dev)).float().cpu().numpy()

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -109,3 +110,27 @@ def test_open_clip_spec_with_local_checkpoint(tmp_path):
         load_model("open_clip:no-such-config")
     with pytest.raises(UsageError, match="does not exist"):
         load_model(f"open_clip:mmsanitize-test-tiny/{tmp_path / 'missing.safetensors'}")
+
+
+def test_evaluate_uses_cached_backbone_features_only_for_pretrained_backbones(tmp_path, monkeypatch):
+    """A model whose backbones were trained must be embedded by its own backbones, never by the
+    cache of pretrained features (that silently evaluated the modality study's models wrongly)."""
+    import torch
+
+    from conftest import make_dataset
+    from mmsanitize.evaluate import embed_split
+
+    monkeypatch.setenv("MMSANITIZE_FEATURE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=1, per_shard=8)
+    m = load_model("offline-b0-minilm", image_size=64, dim=32)
+    _, cached_img, _ = embed_split(m, str(data))          # fills the cache with pretrained features
+    with torch.no_grad():
+        for p in m.image_backbone.parameters():
+            p.mul_(0.5)                                    # "trained" backbone
+    m.backbones_trained = True
+    _, own_img, _ = embed_split(m, str(data))
+    assert not np.allclose(own_img, cached_img, atol=1e-3)
+    m.backbones_trained = False                            # a pretrained backbone may use the cache
+    _, again, _ = embed_split(m, str(data))
+    assert np.allclose(again, cached_img, atol=1e-6)
