@@ -582,6 +582,7 @@ class Report:
 
     def sec_modality(self):
         L = ["## 6. Modality study (Table 6), oca food2bird", "",
+             "**Warning (found 2026-11-25):** until commit 'evaluate: the pretrained-backbone feature cache only for models whose backbones never trained', `evaluate` embedded every offline model through the cache of *pretrained* backbone features, so the rows below whose backbones trained (`--lock image`, `--lock text`, no lock) were scored with their trained projections on untrained backbone features. Those rows must be re-measured before they are read; the projection-only rows are unaffected.", "",
              "M^0 = REF itself (never saw poison). M_p(proj) = the Attack II model of section 2 (only the two projections "
              "trained, backbones frozen). The lock rows train a whole tower: `--lock image` freezes the image tower "
              "(backbone + projection) and trains the text tower (MiniLM + projection) = the paper's M_p^t "
