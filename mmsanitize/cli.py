@@ -443,8 +443,10 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--classes", default="auto", show_default=True,
               help="Class vocabulary for class_consistency: auto (the dataset's label names as caption keywords), "
                    "openclipart, a vocabulary file (`class: word, word` lines or JSON) or a comma list.")
-@click.option("--combine", type=click.Choice(["zsum", "mean", "max"]), default="zsum", show_default=True,
-              help="zsum: sum of robust z-scores (each detector on one scale); mean/max: of ranks.")
+@click.option("--combine", type=click.Choice(["stouffer", "zsum", "mean", "max"]), default="stouffer",
+              show_default=True,
+              help="stouffer: sum of the normal quantiles of each detector's empirical p-value; zsum: sum of "
+                   "robust z-scores; mean/max: of ranks.")
 @click.option("--reuse-min", default="auto", show_default=True,
               help="Flag pairs whose image is shared with at least this many other captions and whose "
                    "caption fits it worse than the median pair; auto = 1 + the median count (0 = off).")

@@ -38,7 +38,7 @@ DETECTORS = ("similarity", "class_consistency", "image_reuse", "caption_neighbou
 # neighbourhood agrees with it); density and kdistance are meant for the suspect model's
 # embeddings (backdoors). All stay available with --detectors.
 DEFAULT_DETECTORS = ("similarity", "class_consistency", "image_reuse")
-COMBINE = ("zsum", "mean", "max")
+COMBINE = ("stouffer", "zsum", "mean", "max")
 # class_consistency's auto rule: flag a pair when its caption names a class of the vocabulary, its
 # image confidently shows another class (top class probability >= CLASS_TOP_PROB) and the
 # probability of the caption's class is below CLASS_MIN_PROB. Chosen on development goals (fm
@@ -48,7 +48,7 @@ COMBINE = ("zsum", "mean", "max")
 # caption removed 3.8% / 7.6%; on fm it still recalls 0.92 (1%) and 1.00 (5%) of the poison.
 CLASS_MIN_PROB = 0.03
 CLASS_TOP_PROB = 0.7
-SCAN_VERSION = 4
+SCAN_VERSION = 5
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -105,15 +105,36 @@ def robust_z(x: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> tuple[np
     return (x - med) / scale, {"median": med, "scale": scale}
 
 
-def combine_scores(scores: dict[str, np.ndarray], how: str = "zsum", *, seed: int = 0) -> np.ndarray:
+def normal_scores(x: np.ndarray, *, sample: int = 200_000, seed: int = 0) -> np.ndarray:
+    """Each value's empirical upper-tail p-value, as a standard normal quantile (Φ⁻¹ of its
+    mid-rank CDF), fitted on a seeded sample of at most `sample` values (the small global state a
+    per-shard run needs). Ties share one value; the result lies within about ±4.5."""
+    from scipy.stats import norm
+
+    x = np.asarray(x, np.float64)
+    fit = x if len(x) <= sample else x[np.random.default_rng(seed).choice(len(x), sample, replace=False)]
+    ref = np.sort(fit)
+    m = len(ref)
+    if m == 0:
+        return np.zeros(len(x))
+    mid = 0.5 * (np.searchsorted(ref, x, "left") + np.searchsorted(ref, x, "right"))
+    return norm.ppf((mid + 0.5) / (m + 1.0))
+
+
+def combine_scores(scores: dict[str, np.ndarray], how: str = "stouffer", *, seed: int = 0) -> np.ndarray:
     """Combine detector scores (higher = more suspicious) into one.
 
-    `zsum` (default): each score becomes a robust z-score (`robust_z`), clipped below at −3 so no
-    detector can veto the others, and the z-scores are summed: a detector that sees nothing adds
-    noise of about one unit, one that sees the poison adds many. `mean` / `max`: of the scores'
-    ranks scaled to [0, 1] (the older rule; a plain mean of ranks lets an uninformative detector
-    dilute an informative one).
+    `stouffer` (default): each score becomes the normal quantile of its empirical p-value
+    (`normal_scores`) and they are summed — Stouffer's combination of p-values. Every detector
+    lands on one bounded scale, so neither a weak detector's noise nor a zero-inflated count
+    (image_reuse: honest duplicates all score 1) can swamp a strong one. `zsum`: robust z-scores
+    ((x − median) / 1.4826·MAD) clipped below at −3 and summed; unbounded above, so a count with
+    MAD 0 dominates. `mean` / `max`: of the ranks scaled to [0, 1] (a plain mean of ranks lets an
+    uninformative detector dilute an informative one). Measured on development sets in
+    docs/scanning.md.
     """
+    if how == "stouffer":
+        return np.sum([normal_scores(s, seed=seed) for s in scores.values()], 0)
     if how == "zsum":
         return np.sum([np.clip(robust_z(s, seed=seed)[0], -3.0, None) for s in scores.values()], 0)
     ranks = np.stack([rank_normalise(s) for s in scores.values()], 1)
@@ -276,7 +297,7 @@ def scan(
     model: str | None = None,
     manifest: str | os.PathLike | None = None,
     detectors: tuple[str, ...] = DEFAULT_DETECTORS,
-    combine: str = "zsum",
+    combine: str = "stouffer",
     classes: str | None = "auto",
     reuse_min: int | str = "auto",
     k: int = 10,

@@ -49,6 +49,10 @@ GOALS = {"fm": ["coat2sandal", "pullover2bag"], "oca": ["person2fruit", "flag2ho
 RATES = [0.01, 0.05]
 IMAGE_KINDS = {"fresh": [], "reencode": ["--perturb", "reencode"]}  # both with --images-from POOL
 EXTRA_DIRTY = [("I", "crop", 0.05)]  # (attack, perturb, rate): extra rows
+# (dataset, attack, goal, kind, rate): sets whose pool is large enough that no poison image repeats.
+# oca's pool holds only 11 fruit images, so person2fruit's "fresh" poisons repeat pool images and
+# image_reuse sees them; person2flag at 1% draws 14 of the pool's 36 flags, each once.
+NO_REPEAT = [("oca", "II", "person2flag", "fresh", 0.01)]
 SHIPPED_RATE = 0.05
 BACKDOOR_TARGET = {"fm": "bag", "oca": "fruit"}
 BACKDOOR_ATTACKS = ["patch", "blended"]
@@ -223,16 +227,18 @@ class Plan:
                     for r in RATES:
                         cells.append((attack, kind, r))
             cells += EXTRA_DIRTY
-        for attack, kind, r in cells:
-            for goal in self.goals_for(ds, attack):
-                s = SetInfo(ds, f"{attack}_{goal}_{kind}_{r}", "dirty", attack, kind, r, [goal], self.w / ds / f"{attack}_{goal}_{kind}_{r}")
-                perturb = IMAGE_KINDS.get(kind, ["--perturb", kind])
-                p = self.poison_step(s, ["--attack", ATTACK_FLAG[attack], "--goal", goal, "--images-from", pool, *perturb,
-                                         "--mode", "inject", "--rate", r])
-                self.sets.append(s)
-                self.train_eval(s, s.dir / "poison", "", p)
-                self.clean_on(s, p)
-                self.scans(s, p, sanitize=True)
+        sets = [(attack, kind, r, goal) for attack, kind, r in cells for goal in self.goals_for(ds, attack)]
+        if not self.quick:
+            sets += [(attack, kind, r, goal) for d, attack, goal, kind, r in NO_REPEAT if d == ds]
+        for attack, kind, r, goal in sets:
+            s = SetInfo(ds, f"{attack}_{goal}_{kind}_{r}", "dirty", attack, kind, r, [goal], self.w / ds / f"{attack}_{goal}_{kind}_{r}")
+            perturb = IMAGE_KINDS.get(kind, ["--perturb", kind])
+            p = self.poison_step(s, ["--attack", ATTACK_FLAG[attack], "--goal", goal, "--images-from", pool, *perturb,
+                                     "--mode", "inject", "--rate", r])
+            self.sets.append(s)
+            self.train_eval(s, s.dir / "poison", "", p)
+            self.clean_on(s, p)
+            self.scans(s, p, sanitize=True)
 
     def shipped_sets(self, ds):
         if self.quick:

@@ -98,16 +98,30 @@ def test_kdistance_scores_a_sparse_backdoor_cluster_higher():
     assert _auroc(s, truth) > 0.95
 
 
-def test_zsum_is_not_diluted_by_uninformative_detectors():
+def test_combinations_against_noise_and_zero_inflated_counts():
     img, txt, cls, truth = class_pairs()
     rng = np.random.default_rng(3)
     protos, present = class_consistency.caption_prototypes(txt, cls, 8)
     temp = class_consistency.fit_temperature(img, cls, protos, present)
     good = class_consistency.score(img, txt, prototypes=protos, present=present, caption_class=cls, temperature=temp)
-    scores = {"good": good, "noise1": rng.normal(size=len(good)), "noise2": rng.normal(size=len(good))}
     best = _auroc(good, truth)
-    assert _auroc(combine_scores(scores, "zsum"), truth) > best - 0.01
-    assert _auroc(combine_scores(scores, "mean"), truth) < _auroc(combine_scores(scores, "zsum"), truth)
+    # pure-noise detectors: zsum keeps the strong detector's scale, a mean of ranks is diluted
+    noisy = {"good": good, "noise1": rng.normal(size=len(good)), "noise2": rng.normal(size=len(good))}
+    assert _auroc(combine_scores(noisy, "zsum"), truth) > best - 0.01
+    assert _auroc(combine_scores(noisy, "mean"), truth) < _auroc(combine_scores(noisy, "zsum"), truth)
+    # a zero-inflated count that fires on 10% honest duplicates and never on the poison (image_reuse
+    # against fresh images): its MAD is 0, so zsum lets it swamp the strong detector; stouffer's
+    # bounded normal scores do not
+    counts = np.where(rng.random(len(good)) < 0.1, 1.0, 0.0)
+    counts[truth] = 0.0
+    zero_inflated = {"good": good, "reuse": counts}
+    stouffer = _auroc(combine_scores(zero_inflated, "stouffer"), truth)
+    assert stouffer > best - 0.05
+    assert stouffer > _auroc(combine_scores(zero_inflated, "zsum"), truth) + 0.05
+    # empirical p-values: the normal scores follow the ranks and are bounded
+    z = combine_scores({"a": good}, "stouffer")
+    assert np.array_equal(np.argsort(z, kind="stable"), np.argsort(good, kind="stable"))
+    assert np.abs(z).max() < 4.5
 
 
 def test_vocabulary_keeps_the_class_name_and_caption_classes(tmp_path):
