@@ -1,9 +1,10 @@
 """Scan a dataset for poisoned pairs: embeddings -> detectors -> scores.parquet + summary.json.
 
 Embeddings are computed per shard with the Dask engine (resumable) unless given; the detectors
-then run once over the whole dataset on the client (they need every pair's neighbours), blockwise
-and with a FAISS/numpy index chosen by size. Each detector's score is rank-normalised to [0, 1]
-and the combined score is their mean (see docs/scanning.md for why mean beats max here).
+then run over the whole dataset on the client, blockwise, with a FAISS/numpy index chosen by size.
+Each detector is a function of a block of embeddings plus a small fitted state (class prototypes
+and temperature, a near-duplicate radius, an index), recorded in summary.json. The combined score
+sums the normal quantiles of each detector's empirical p-value (`combine_scores`).
 
 What is flagged:
   - `threshold`: pairs whose image-text cosine is below it (the paper's filter), `auto` = GMM cut;
@@ -13,7 +14,9 @@ What is flagged:
     ones whose caption does not fit it. (Without that second condition the image's original,
     well-fitting pair is flagged too: measured 7–11% of clean pairs on OpenClipArt and
     Fashion-MNIST Attack II, against 2.5–5% with it.) `reuse_min="auto"` = 1 + the median
-    count, so a dataset with five captions per image (COCO) needs a sixth caption to fire.
+    count, so a dataset with five captions per image (COCO) needs a sixth caption to fire;
+  - with `threshold`, class_consistency: the caption names a vocabulary class, the image's top
+    class has p >= CLASS_TOP_PROB and the caption's class p < CLASS_MIN_PROB.
 """
 
 from __future__ import annotations

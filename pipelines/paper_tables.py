@@ -459,7 +459,7 @@ class Report:
 
     def sec_scan(self):
         L = ["## 4. Pre-training defense: scan with REF, sanitize, retrain (Table 7)", "",
-             "These rows were measured with the scan defaults of their day (similarity + image_reuse, mean of ranks) and with attacks that reuse the dataset's own images. Today's defaults (similarity, class_consistency, image_reuse, `zsum`) and attackers who bring their own or re-encoded images are measured in [results_detection.md](results_detection.md), written by `pipelines/detection.py`.", "",
+             "These rows were measured with the scan defaults of their day (similarity + image_reuse, mean of ranks) and with attacks that reuse the dataset's own images. Today's defaults (similarity, class_consistency, image_reuse, `stouffer` combination) and attackers who bring their own or re-encoded images are measured in [results_detection.md](results_detection.md), written by `pipelines/detection.py`.", "",
              "`mmsanitize scan --model REF --threshold auto` with the default detectors (similarity + image_reuse, "
              "combined as the mean of their ranks). REF was aligned on the clean `ref` split and never saw the scanned "
              "(poisoned train) data. Flagged = cosine below the `auto` cut (2-component mixture, used only when its low "
