@@ -26,6 +26,8 @@ setup(
         "matplotlib",
         "safetensors",
         "braceexpand",
+        "scikit-learn",  # mixture cut, AUROC (was only pulled in by sentence-transformers)
+        "scipy",  # ranks and normal quantiles of the scan combination
     ],
     extras_require={
         # faiss-gpu and faiss-cpu both provide the module `faiss`: install one of them only.
