@@ -116,9 +116,10 @@ class Report:
               + "; ".join(f"{ds} `{GOALS[ds][0]}` (Attack II, Attack III's first) and `{GOALS[ds][1]}` "
                           "(Attack I, Attack III's second)" for ds in P.datasets)
               + (". Both goals for both attacks (`--goals all`)." if P.goals_all else "."),
-              *(["oca `map2food` was planned as the second goal, but oca train holds only 42 `map` pairs and 5% injected "
-              "needs 74 class-A captions (`poison` refuses); `computer2flag` (144 computer pairs in train, 36 flag "
-              "images in pool) replaces it.", "",
+              *(["The detectors, the `auto` rule and the combination were chosen on development goals only: fm "
+              "`trouser2sneaker` and oca `computer2flag` (docs/scanning.md). oca `person2flag` at 1% is an extra set "
+              "whose 14 pool images never repeat (person2fruit's pool holds only 11 fruit images, so its poisons "
+              "repeat them); it shares its target class with the development goal.", "",
                 f"Backdoors: `--rate 0.001` asks for fewer than {BACKDOOR_MIN_COUNT} pairs on oca "
                 f"(0.1% of 1,397 = 1), so a rate below {BACKDOOR_MIN_COUNT} pairs runs `--count {BACKDOOR_MIN_COUNT}` "
                 "instead; the table shows the rate asked and the real one."] if "oca" in P.datasets else []), "",
