@@ -432,7 +432,8 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.argument("shards")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Scan output folder.")
 @click.option("--threshold", default=None, metavar="T|auto",
-              help="Flag pairs with image-text cosine below T (in [-1, 1]); 'auto' fits a 2-component mixture.")
+              help="Flag pairs with image-text cosine below T (in [-1, 1]); 'auto' fits a 2-component mixture "
+                   "and also flags pairs whose image confidently shows another class than the caption names.")
 @click.option("--flag-fraction", type=float, default=None, help="Flag the worst fraction by combined score.")
 @click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
 @click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")

@@ -148,6 +148,17 @@ def combine_scores(scores: dict[str, np.ndarray], how: str = "stouffer", *, seed
     raise UsageError(f"unknown --combine {how!r} (choose from {', '.join(COMBINE)})")
 
 
+def check_classes(classes: str | None) -> None:
+    """Raise UsageError unless `classes` is None, auto, openclipart, a file or a comma list of names."""
+    from pathlib import Path as _P
+
+    if classes in (None, "auto", "openclipart") or _P(classes).is_file():
+        return
+    names = [c.strip() for c in str(classes).split(",") if c.strip()]
+    if not names or any("/" in c or c.endswith((".txt", ".json")) for c in names):
+        raise UsageError(f"--classes {classes!r}: not a vocabulary file, 'auto', 'openclipart' or a comma list")
+
+
 def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[str], np.ndarray]:
     """The class vocabulary and each caption's class index (−1 = no class keyword).
 
@@ -159,6 +170,7 @@ def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[st
 
     from .labels import keyword_classes, load_vocabulary
 
+    check_classes(classes)
     if classes is None:
         return [], np.full(len(captions), -1, np.int64)
     if classes == "auto":
@@ -169,10 +181,7 @@ def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[st
     elif _P(classes).is_file():
         vocab = load_vocabulary(classes)
     else:
-        names = [c.strip() for c in str(classes).split(",") if c.strip()]
-        if not names or any("/" in c or c.endswith((".txt", ".json")) for c in names):
-            raise UsageError(f"--classes {classes!r}: not a vocabulary file, 'auto', 'openclipart' or a comma list")
-        vocab = {c: [c] for c in names}
+        vocab = {c: [c] for c in (c.strip() for c in str(classes).split(",")) if c}
     return list(vocab), keyword_classes(captions, vocab)
 
 
@@ -225,13 +234,13 @@ def run_detectors(
                 state.setdefault("skipped", {})["class_consistency"] = "fewer than 2 classes with 3 or more captions"
             else:
                 temp = class_consistency.fit_temperature(img, cls, protos, present, seed=seed)
-                out["class_consistency"] = class_consistency.score(
+                out["class_consistency"], p = class_consistency.assess(
                     img, txt, prototypes=protos, present=present, caption_class=cls, temperature=temp)
-                p = class_consistency.image_class_probs(img, protos, present, temp)
                 state["class_consistency"] = {
                     "classes": [c for c, ok in zip(class_names, present) if ok], "temperature": temp,
                     "captions_with_class": float(np.mean(cls >= 0)),
-                    "_image_class": p.argmax(1), "_image_prob": p.max(1), "_names": list(class_names)}
+                    "_image_class": p.argmax(1), "_image_prob": p.max(1), "_names": list(class_names),
+                    "_caption_named": class_consistency.caption_named(cls, present)}
     if "image_reuse" in detectors:
         rad = image_reuse.calibrated_radius(img, image_index, seed=seed)
         state["image_reuse"] = rad
@@ -332,6 +341,7 @@ def scan(
         raise UsageError("give --threshold (a cosine or 'auto') and/or --flag-fraction")
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
         raise UsageError(f"--flag-fraction {flag_fraction} is outside [0, 1]")
+    check_classes(classes)
     if combine not in COMBINE:
         raise UsageError(f"unknown --combine {combine!r} (choose from {', '.join(COMBINE)})")
     paths = expand_shards(shards)
@@ -403,9 +413,8 @@ def scan(
                                            "image_top_class_prob_at_least": CLASS_TOP_PROB,
                                            "caption_names_a_class": True}
         cc_state = state["class_consistency"]
-        named = np.isin(np.asarray(class_names, dtype=object)[np.clip(caption_class, 0, None)], cc_state["classes"])
         fired["class_consistency"] = ((np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB)
-                                      & (cc_state["_image_prob"] >= CLASS_TOP_PROB) & (caption_class >= 0) & named)
+                                      & (cc_state["_image_prob"] >= CLASS_TOP_PROB) & cc_state["_caption_named"])
     if reuse_min == "auto":
         reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
         thresholds["image_reuse_auto"] = True
@@ -513,8 +522,8 @@ def _reasons(scores, fired, flagged, top, thresholds, cc_state=None, caption_cla
             elif name == "class_consistency" and cc_state:
                 shown = names[int(cc_state["_image_class"][i])]
                 told = int(caption_class[i]) if caption_class is not None else -1
-                known = told >= 0 and names[told] in cc_state.get("classes", ())
-                cap = f"caption says {names[told]!r}" if known else "caption is closest to another class"
+                cap = (f"caption says {names[told]!r}" if cc_state["_caption_named"][i]
+                       else "caption is closest to another class")
                 parts.append(f"class_consistency: image looks like {shown!r} (p {float(cc_state['_image_prob'][i]):.2f}), "
                              f"{cap} (p {np.exp(-v):.3f})")
             else:

@@ -276,6 +276,9 @@ def test_bad_inputs_are_one_line_errors(emb_data, tmp_path, dask_address, capsys
                                                    "--threshold", "abc"])
     assert "--reuse-min" in _error(capsys, base + ["--out", str(tmp_path / "s1"), "--embeddings", str(emb),
                                                    "--threshold", "0.2", "--reuse-min", "-2"])
+    assert "--classes" in _error(capsys, base + ["--out", str(tmp_path / "s0"), "--embeddings", str(emb),
+                                                 "--threshold", "auto", "--classes", "no/such/vocab.txt"])
+    assert not (tmp_path / "s0").exists()
     other = tmp_path / "other"
     shutil.copytree(emb, other)
     card = json.loads((other / "model.json").read_text())

@@ -61,7 +61,7 @@ def caption_class_probs(txt: np.ndarray, caption_class: np.ndarray, prototypes: 
     """Class distribution of each caption: one-hot for a known class, else soft nearest prototype."""
     q = image_class_probs(txt, prototypes, present, text_temperature)
     cls = np.asarray(caption_class)
-    known = (cls >= 0) & present[np.clip(cls, 0, None)]
+    known = caption_named(cls, present)
     q[known] = 0.0
     q[np.nonzero(known)[0], cls[known]] = 1.0
     return q
@@ -92,11 +92,25 @@ def fit_temperature(img: np.ndarray, caption_class: np.ndarray, prototypes: np.n
     return best_t
 
 
-def score(img: np.ndarray, txt: np.ndarray, *, prototypes: np.ndarray, present: np.ndarray,
-          caption_class: np.ndarray, temperature: float, text_temperature: float = 0.05) -> np.ndarray:
-    """−log Σ_c p_image(c) · p_caption(c) per pair, float32 (N,): high when the image shows
-    another class than the one its caption names."""
+def caption_named(caption_class: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """True where the caption's keyword class is known and has a prototype."""
+    cls = np.asarray(caption_class)
+    return (cls >= 0) & present[np.clip(cls, 0, None)]
+
+
+def assess(img: np.ndarray, txt: np.ndarray, *, prototypes: np.ndarray, present: np.ndarray,
+           caption_class: np.ndarray, temperature: float,
+           text_temperature: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(score float32 (N,), image class distribution (N, C)): the score is −log Σ_c p_image(c) ·
+    p_caption(c), high when the image shows another class than the one its caption names."""
     p = image_class_probs(img, prototypes, present, temperature)
     q = caption_class_probs(txt, caption_class, prototypes, present, text_temperature)
     agree = np.einsum("nc,nc->n", p, q)
-    return (-np.log(agree + EPS)).astype(np.float32)
+    return (-np.log(agree + EPS)).astype(np.float32), p
+
+
+def score(img: np.ndarray, txt: np.ndarray, *, prototypes: np.ndarray, present: np.ndarray,
+          caption_class: np.ndarray, temperature: float, text_temperature: float = 0.05) -> np.ndarray:
+    """The `assess` score alone, float32 (N,)."""
+    return assess(img, txt, prototypes=prototypes, present=present, caption_class=caption_class,
+                  temperature=temperature, text_temperature=text_temperature)[0]
