@@ -78,7 +78,13 @@ def info(shards, scheduler, workers, as_json):
                f"bytes {summary['bytes']:,}  image bytes {summary['image_bytes']:,}")
     cw = summary["caption_words"]
     click.echo(f"caption words: min {cw['min']}  mean {cw['mean']}  median {cw['median']}  max {cw['max']}")
-    print_table([{"class": k, "samples": v} for k, v in summary["classes"].items()])
+    lab = summary["labels"]
+    click.echo(f"labels: {lab['labelled']:,} of {summary['samples']:,} samples carry a json label "
+               f"({lab['coverage']:.1%} coverage)")
+    if lab["labelled"]:
+        print_table([{"class": k, "samples": v} for k, v in summary["classes"].items()])
+    if lab["hint"]:
+        click.echo(f"note: {lab['hint']}")
     for p in summary["problems"]:
         click.echo(f"problem: {p}")
 
@@ -216,7 +222,15 @@ def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, 
 @click.option("--mode", type=click.Choice(["replace", "inject"]), default="replace", show_default=True,
               help="replace: chosen samples carry the new pair (size unchanged); inject: new pairs appended with new keys.")
 @click.option("--label-from", default="field", show_default=True,
-              help="Who is class A/B: field (json label), keywords[:VOCAB_FILE], or column:NAME.")
+              help="Who is class A/B: field (json label), keywords[:VOCAB_FILE], column:NAME, or "
+                   "zeroshot[:CLASSES] (the image's zero-shot class under --label-model; CLASSES = a vocabulary "
+                   "file, openclipart (default) or a comma list; labels cached in OUT/_labels/).")
+@click.option("--label-model", default=None, metavar="REF",
+              help="Encoder for --label-from zeroshot: a reference checkpoint (mmsanitize align ... --out REF) "
+                   "or open_clip:NAME/PRETRAINED.")
+@click.option("--label-margin", type=float, default=0.05, show_default=True,
+              help="--label-from zeroshot: label 'unknown' when the top class's probability beats the "
+                   "runner-up by less than this.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--trigger-size", type=int, default=16, show_default=True, help="Backdoor patch size in px.")
 @click.option("--trigger-position", default="bottom-right", show_default=True,
@@ -237,7 +251,7 @@ def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, 
 @click.option("--overwrite", is_flag=True, help="Redo every shard even when a previous run finished it.")
 @dask_options
 def poison(shards, attack, goals, source, target, target_key, source_fraction, count, rate, mode, label_from,
-           seed, trigger_size, trigger_position, trigger_pattern, opacity, caption_only, images_from, perturb,
+           label_model, label_margin, seed, trigger_size, trigger_position, trigger_pattern, opacity, caption_only, images_from, perturb,
            out, overwrite, scheduler, workers):
     """Write a poisoned copy of a dataset (shards + manifest.parquet + poison.json).
 
@@ -251,7 +265,8 @@ def poison(shards, attack, goals, source, target, target_key, source_fraction, c
 
     res = poison_dataset(shards, out=out, attack=attack, goals=list(goals), source=source, target=target,
                          target_key=target_key, source_fraction=source_fraction, count=count, rate=rate,
-                         mode=mode, label_from=label_from, seed=seed, trigger_size=trigger_size,
+                         mode=mode, label_from=label_from, label_model=label_model, label_margin=label_margin,
+                         seed=seed, trigger_size=trigger_size,
                          trigger_position=trigger_position, trigger_pattern=trigger_pattern, opacity=opacity,
                          caption_only=caption_only, images_from=images_from, perturb=perturb,
                          scheduler=scheduler, workers=workers, overwrite=overwrite)
@@ -265,6 +280,10 @@ def poison(shards, attack, goals, source, target, target_key, source_fraction, c
                    f"({pool['excluded_duplicates']:,} copies of dataset images excluded)")
     if res.get("perturb"):
         click.echo(f"every poison copy perturbed: {res['perturb']}")
+    lab = res.get("labels")
+    if lab:
+        click.echo(f"zero-shot labels ({lab['model']}): {lab['labelled']:,} labelled, {lab['unlabelled']:,} unknown "
+                   f"(margin {lab['margin']}) -> {out}/{lab['cache']}/")
     click.echo(f"shards: {out}  manifest: {out}/manifest.parquet  spec: {out}/poison.json")
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .catalog import build_catalog, class_counts
+from .labels import label_summary
 from .shards import expand_shards
 
 
@@ -13,8 +14,9 @@ def dataset_info(shards: str | os.PathLike, *, scheduler: str | None = None, wor
     """Summarise a dataset from its catalog.
 
     Returns a dict: samples, shards, bytes (tar bytes on disk), image_bytes, classes (label ->
-    count), caption_words (min/mean/median/max), image sizes, and `problems` (duplicate images,
-    duplicate captions). Bad shards raise (ShardError/EngineError) instead of being skipped.
+    count), labels (coverage of the json `label`: labelled, unlabelled, coverage, hint), caption_words
+    (min/mean/median/max), image sizes, and `problems` (duplicate images, duplicate captions;
+    missing labels are reported as coverage, not as a problem: crawled corpora have none). Bad shards raise (ShardError/EngineError) instead of being skipped.
     """
     paths = expand_shards(shards)
     df = build_catalog(paths, scheduler=scheduler, workers=workers)
@@ -26,9 +28,7 @@ def dataset_info(shards: str | os.PathLike, *, scheduler: str | None = None, wor
     dup_cap = int(df["caption"].duplicated().sum())
     if dup_cap:
         problems.append(f"{dup_cap} sample(s) repeat a caption already seen")
-    unlabelled = int(df["label"].isna().sum())
-    if unlabelled:
-        problems.append(f"{unlabelled} sample(s) have no label in their json")
+    labels = label_summary(df["label"])
     return {
         "samples": int(len(df)),
         "shards": len(paths),
@@ -38,5 +38,8 @@ def dataset_info(shards: str | os.PathLike, *, scheduler: str | None = None, wor
         "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 2),
                           "median": float(words.median()), "max": int(words.max())},
         "image_size": {"width_median": float(df["width"].median()), "height_median": float(df["height"].median())},
+        "labels": {**labels, "hint": None if labels["unlabelled"] == 0 else
+                   "samples without a json label can be labelled by --label-from keywords[:VOCAB] or "
+                   "zeroshot[:CLASSES] --label-model REF (see mmsanitize poison --help)"},
         "problems": problems,
     }

@@ -23,6 +23,7 @@ ATTACKS = ("single-image", "single-label", "multi-label", "patch", "blended", "l
 JPEG_QUALITY = 95
 PARTS = "_poison_parts"
 POOL_WORK = "_poison_pool"
+LABELS_WORK = "_labels"  # zero-shot labels and their image embeddings, reused by reruns
 DIRTY_LABEL = ("single-image", "single-label", "multi-label")
 # json fields that describe the image rather than the caption (copied from the image's sample)
 IMAGE_FIELDS = ("label", "url", "original_width", "original_height", "exif", "md5")
@@ -373,6 +374,8 @@ def poison_dataset(
     rate: float | None = None,
     mode: str = "replace",
     label_from: str = "field",
+    label_model: str | None = None,
+    label_margin: float = 0.05,
     seed: int = 0,
     trigger_size: int = 16,
     trigger_position: str = "bottom-right",
@@ -397,6 +400,8 @@ def poison_dataset(
     class-B images instead of the dataset's (samples bytes-equal to a dataset image excluded);
     `perturb` (dirty-label attacks): `reencode`, `resize`, `crop` or `jitter`, applied to every
     poison copy with its own seed so no two copies share bytes (see `attacks/perturb.py`).
+    `label_from` `zeroshot[:CLASSES]` labels the images with `label_model` (see `labels.py`,
+    `unknown` under `label_margin`), cached in `out/_labels/`; poison.json records the coverage.
     A rerun resumes: shards whose stats match the input fingerprint and the plan are skipped
     (`overwrite` redoes all). Raises UsageError for bad requests before anything is written.
     """
@@ -428,6 +433,12 @@ def poison_dataset(
             raise UsageError(f"{name} cannot be combined with caption-only plans (no image moves)")
     if images_from is not None and not str(images_from).strip():
         raise UsageError("--images-from needs a folder or shard spec")
+    from .labels import _check_label_from, is_zeroshot
+
+    _check_label_from(label_from)
+    if is_zeroshot(label_from) and images_from is not None:
+        raise UsageError("--label-from zeroshot labels the dataset only, not an --images-from pool; "
+                         "label the pool by field, keywords or column")
     paths = expand_shards(shards)
     in_root = paths[0].parent
     names = [shard_stem(p) for p in paths]
@@ -448,6 +459,14 @@ def poison_dataset(
                       trigger_size=int(trigger_size), trigger_position=trigger_position,
                       trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
     catalog = build_catalog(paths, scheduler=scheduler, workers=workers, retries=retries)
+    labelling = None
+    if is_zeroshot(label_from):
+        from .labels import attach_zeroshot, label_summary
+
+        catalog = attach_zeroshot(catalog, paths, label_from, label_model=label_model, cache_dir=out_dir / LABELS_WORK,
+                                  margin=label_margin, scheduler=scheduler, workers=workers, retries=retries)
+        labelling = {"model": label_model, "margin": label_margin, "cache": LABELS_WORK,
+                     **label_summary(catalog["zeroshot_label"])}
     pool = None
     pool_work = out_dir / POOL_WORK
     created_out = not out_dir.exists()
@@ -466,6 +485,8 @@ def poison_dataset(
 
     spec_dict = {**asdict(spec), "goals": [f"{a or 'any'}2{b or 'one'}" for a, b in spec.goals],
                  "label_from": label_from, "images_from": images_from, "perturb": perturb}
+    if labelling is not None:
+        spec_dict["labels"] = {"model": label_model, "margin": label_margin}
     fingerprint = _hash(catalog[["key", "shard", "sha256", "caption"]].values.tolist())
     full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
                        "pool": pool.info["fingerprint"] if pool else None})
@@ -546,6 +567,7 @@ def poison_dataset(
         "goals": [{"goal": g, "poisoned": n, "rate": n / total_out} for g, n in per_goal.items()],
         "images_from": pool.info if pool else None,
         "perturb": perturb,
+        "labels": labelling,
         "rate": len(rows) / total_out,
         "rate_unit": "poisoned pairs / pairs in the output dataset (one caption per sample)",
         "manifest": "manifest.parquet",

@@ -107,3 +107,30 @@ def zeroshot_predict(img_emb: np.ndarray, class_emb: np.ndarray,
 def _normalize(x) -> np.ndarray:
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+UNKNOWN = "unknown"
+
+
+def zeroshot_assign(img_emb: np.ndarray, class_emb: np.ndarray, *, margin: float = 0.0,
+                    temperature: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zero-shot class per image with an "unknown" answer under a margin.
+
+    Returns (class index (N,) int64, -1 where the top-1 probability beats the runner-up by less
+    than `margin`; top-1 probability (N,) float32, the confidence; top-1 minus top-2 probability
+    (N,) float32). With one class the gap is the top-1 probability. One implementation for
+    labelling unlabeled shards (`--label-from zeroshot`) and for detectors that compare an image's
+    zero-shot class with its caption's class.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise UsageError(f"the zero-shot margin must be in [0, 1), got {margin}")
+    p = zeroshot_probs(img_emb, class_emb, temperature)
+    if p.shape[1] >= 2:
+        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+        second, first = top2[:, 0], top2[:, 1]
+    else:
+        first, second = p[:, 0], np.zeros(len(p), dtype=np.float32)
+    idx = p.argmax(axis=1).astype(np.int64)
+    gap = (first - second).astype(np.float32)
+    idx[gap < margin] = -1
+    return idx, first.astype(np.float32), gap
