@@ -1,7 +1,8 @@
 """The catalog: one parquet row per sample, built once per dataset with the Dask engine.
 
-Columns: key, shard, position, caption, label, sha256 (of the image bytes), width, height,
-bytes (image size), image_ext. Per-shard parts live in a cache folder (`_catalog/` beside the
+Columns: key, shard, position, caption, label, sha256 (of the stored image bytes), width, height,
+bytes (image size), image_ext, url and source_sha256 (img2dataset's json `url` and `sha256`, the
+hash of the bytes originally downloaded, before resizing; None when absent). Per-shard parts live in a cache folder (`_catalog/` beside the
 shards when writable, else under `~/.cache/mmsanitize/`), each with a stats file holding the
 shard's fingerprint, so a rerun rebuilds only shards that changed or were never finished.
 Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
@@ -20,8 +21,9 @@ from .errors import ShardError
 from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, parse_sample,
                      sha256, shard_stem, write_json_atomic, write_parquet_atomic)
 
-CATALOG_VERSION = 1
-COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext"]
+CATALOG_VERSION = 2
+COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext",
+           "url", "source_sha256"]
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,12 @@ def catalog_rows(path: str | os.PathLike) -> list[dict]:
     for position, raw in enumerate(iter_raw_samples(path)):
         s = parse_sample(raw, shard)
         w, h = image_size(s.image, shard, s.key)
-        label = None
-        if isinstance(s.meta, dict) and s.meta.get("label") is not None:
-            label = str(s.meta["label"])
+        meta = s.meta if isinstance(s.meta, dict) else {}
+        label, url, source = (None if meta.get(f) is None else str(meta[f]) for f in ("label", "url", "sha256"))
         rows.append({
             "key": s.key, "shard": shard, "position": position, "caption": s.caption,
             "label": label, "sha256": sha256(s.image), "width": w, "height": h,
-            "bytes": len(s.image), "image_ext": s.image_ext,
+            "bytes": len(s.image), "image_ext": s.image_ext, "url": url, "source_sha256": source,
         })
     return rows
 

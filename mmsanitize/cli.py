@@ -6,6 +6,7 @@ Heavy libraries (torch, faiss, open_clip, dask) are imported inside the library 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -21,6 +22,18 @@ def dask_options(f):
     f = click.option("--scheduler", default=None, metavar="ADDRESS",
                      help="Address of an existing Dask scheduler (tcp://host:8786); default: start a local cluster.")(f)
     return f
+
+
+def resolve_out(out: str | None, positional: str | None, usage: str) -> str:
+    """The output folder from `--out`, or from the deprecated positional OUT (with a warning line)."""
+    if out and positional and out != positional:
+        raise click.UsageError(f"give the output once: --out {out} or the positional {positional}, not both")
+    if positional and not out:
+        click.echo(f"warning: the positional OUT is deprecated; use --out {positional} ({usage})", err=True)
+        return positional
+    if not out:
+        raise click.UsageError(f"missing --out DIR ({usage})")
+    return out
 
 
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
@@ -49,10 +62,27 @@ def cli():
 
     \b
     Typical loop:
-      mmsanitize datasets build openclipart data/oca/
+      mmsanitize datasets build openclipart --out data/oca/
+      mmsanitize align data/oca/ref/ --out runs/ref/
       mmsanitize poison data/oca/train/ --attack single-label --goal dog2boat --out runs/p/
       mmsanitize scan runs/p/ --model runs/ref/ --threshold auto --out runs/p-scan/
       mmsanitize sanitize runs/p/ --scan runs/p-scan/ --out runs/p-clean/
+    Crawled, unlabeled corpora:
+      mmsanitize ingest urls.parquet --out data/web/
+      mmsanitize verify data/web/ --out runs/web-verify/
+      mmsanitize poison data/web/ --attack single-label --goal dog2boat \\
+        --label-from zeroshot --label-model runs/ref/ --out runs/pw/
+
+    \b
+    Every verb writes into its --out; --workers/--scheduler size the Dask cluster,
+    --loader-workers the DataLoader of train/align/defend.
+    Environment variables read:
+      MMSANITIZE_PROGRESS=0     no progress bars on stderr
+      MMSANITIZE_EXACT          exact nearest-neighbour backend: faiss (default) or numpy
+      MMSANITIZE_FEATURE_CACHE  align's backbone-feature cache (default XDG_CACHE_HOME/mmsanitize/features)
+      XDG_CACHE_HOME            cache root (default ~/.cache): catalogs of read-only shards, features
+      HF_HUB_OFFLINE=1          never contact the Hugging Face hub (models load from local files)
+      NO_ALBUMENTATIONS_UPDATE  set to 1 by ingest (img2dataset's albumentations would query PyPI)
     """
 
 
@@ -150,7 +180,8 @@ def datasets():
 
 @datasets.command("build")
 @click.argument("name", type=click.Choice(["openclipart", "fashion-mnist", "folder"]))
-@click.argument("out")
+@click.argument("out_positional", metavar="[OUT]", required=False)
+@click.option("--out", default=None, help="Output folder (OUT/<split>/ shards); the positional OUT is a deprecated alias.")
 @click.option("--splits", default="ref=0.4,train=0.4,test=0.2", show_default=True,
               help="Named splits and fractions; a sample's split is a hash of its source id.")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
@@ -160,11 +191,12 @@ def datasets():
 @click.option("--limit", type=int, default=None, help="Keep a seeded subset of N samples overall.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split and subset hashes.")
 @dask_options
-def datasets_build(name, out, splits, shard_size, image_size, source, limit, seed, scheduler, workers):
+def datasets_build(name, out_positional, out, splits, shard_size, image_size, source, limit, seed, scheduler, workers):
     """Build dataset NAME into OUT/<split>/ shards, sizes.json and OUT/build_report.json.
 
-    Example: mmsanitize datasets build openclipart data/oca/
+    Example: mmsanitize datasets build openclipart --out data/oca/
     """
+    out = resolve_out(out, out_positional, "mmsanitize datasets build NAME --out DIR")
     from .datasets import build_dataset
 
     report = build_dataset(name, out, splits=splits, shard_size=shard_size, image_size=image_size,
@@ -183,25 +215,35 @@ def datasets_build(name, out, splits, shard_size, image_size, source, limit, see
 
 @cli.command()
 @click.argument("urls")
-@click.argument("out")
+@click.argument("out_positional", metavar="[OUT]", required=False)
+@click.option("--out", default=None, help="Output folder of the shards (resumable; the positional OUT is a deprecated alias).")
 @click.option("--image-size", type=int, default=256, show_default=True)
 @click.option("--resize-mode", default="border", show_default=True,
               type=click.Choice(["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"]))
 @click.option("--processes", type=int, default=2, show_default=True, help="img2dataset download processes.")
 @click.option("--caption-col", default="caption", show_default=True)
 @click.option("--url-col", default="url", show_default=True)
+@click.option("--keep-columns", default=None, metavar="A,B",
+              help="Columns of the list to carry into each sample's json (default: every other column).")
 @click.option("--shard-size", type=int, default=10000, show_default=True)
-def ingest(urls, out, image_size, resize_mode, processes, caption_col, url_col, shard_size):
+def ingest(urls, out_positional, out, image_size, resize_mode, processes, caption_col, url_col, keep_columns,
+           shard_size):
     """Download a URL list (csv/tsv/parquet/txt) into webdataset shards with img2dataset.
 
-    Example: mmsanitize ingest urls.parquet data/web/ --image-size 256
+    Rerunning into the same --out downloads only URLs not attempted yet (a grown list, or the
+    rest of a killed run) into new shards.
+
+    Example: mmsanitize ingest urls.parquet --out data/web/ --image-size 256
     """
     from .ingest import ingest as run_ingest
 
+    out = resolve_out(out, out_positional, "mmsanitize ingest URLS --out DIR")
+    keep = None if keep_columns is None else [c.strip() for c in keep_columns.split(",") if c.strip()]
     summary = run_ingest(urls, out, image_size=image_size, resize_mode=resize_mode, processes=processes,
-                         caption_col=caption_col, url_col=url_col, shard_size=shard_size)
+                         caption_col=caption_col, url_col=url_col, keep_columns=keep, shard_size=shard_size)
     print_table([{"shard": k, **v} for k, v in summary["shards"].items()])
-    click.echo(f"{summary['successes']} of {summary['attempted']} downloaded; {len(summary['failures'])} failed")
+    click.echo(f"{summary['successes']} of {summary['attempted']} downloaded; {len(summary['failures'])} failed; "
+               f"{summary['new_urls']} new URL(s) this run")
     for f in summary["failures"][:20]:
         click.echo(f"failed: {f['url']}: {f['error']}")
 # ----------------------------------------------------------------------------- poison
@@ -291,7 +333,18 @@ def poison(shards, attack, goals, source, target, target_key, source_fraction, c
 
 
 def train_options(f):
-    """Options shared by train, align and defend finetune."""
+    """Options shared by train, align and defend finetune (`--workers` is a deprecated alias of
+    `--loader-workers`: on these verbs it always meant DataLoader workers, not Dask)."""
+
+    @functools.wraps(f)
+    def command(*args, **kw):
+        alias = kw.pop("workers_alias", None)
+        if alias is not None:
+            click.echo("warning: --workers on train/align/defend is deprecated; use --loader-workers "
+                       "(DataLoader processes; --workers means Dask workers elsewhere)", err=True)
+            kw["workers"] = alias
+        return f(*args, **kw)
+
     for opt in reversed([
         click.option("--epochs", type=int, default=10, show_default=True),
         click.option("--batch-size", type=int, default=128, show_default=True),
@@ -301,15 +354,17 @@ def train_options(f):
         click.option("--wd", "weight_decay", type=float, default=0.2, show_default=True),
         click.option("--warmup", type=int, default=None, help="Warm-up steps (default 10%% of steps, at most 100)."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--workers", type=int, default=1, show_default=True, help="DataLoader worker processes."),
+        click.option("--loader-workers", "workers", type=int, default=1, show_default=True,
+                     help="DataLoader worker processes (not Dask)."),
+        click.option("--workers", "workers_alias", type=int, default=None, hidden=True),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda (AMP on cuda)."),
         click.option("--resume", is_flag=True, help="Continue after the last finished epoch in --out."),
         click.option("--eval", "eval_test", default=None, metavar="TEST", help="Evaluate on these shards each epoch."),
         click.option("--manifest", default=None, help="Poison manifest for per-epoch attack metrics."),
         click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps (the schedule is unchanged; --resume continues)."),
     ]):
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
 
 
 def _print_train(result):

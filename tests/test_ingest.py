@@ -51,7 +51,7 @@ def test_ingest_reports_404_and_non_image(server, tmp_path, dask_address, capsys
     urls = tmp_path / "urls.csv"
     pd.DataFrame(rows).to_csv(urls, index=False)
     out = tmp_path / "web"
-    main(["ingest", str(urls), str(out), "--image-size", "64", "--processes", "1"])
+    main(["ingest", str(urls), "--out", str(out), "--image-size", "64", "--processes", "1"])
     printed = capsys.readouterr().out
     assert f"{len(PNGS)} of {len(rows)} downloaded; 2 failed" in printed
     from mmsanitize.ingest import summarize
@@ -79,3 +79,59 @@ def test_ingest_rejects_bad_input(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["ingest", str(bad), str(tmp_path / "o")])
     assert e.value.code == 2
+
+
+def test_ingest_twice_adds_new_urls_and_keeps_columns(server, tmp_path, dask_address, capsys):
+    """Rerun into the same folder with a grown list: only the new URLs are fetched, into a new shard;
+    the list's extra columns reach the json and the catalog; both hashes are kept apart."""
+    import hashlib
+
+    rows = [{"url": f"{server}/img{i}.png", "caption": f"drawing {i}", "page": f"https://example.org/{i}",
+             "label": ["bat", "bird", "truck", "food"][i]} for i in range(len(PNGS))]
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame(rows[:2]).to_csv(urls, index=False)
+    out = tmp_path / "web"
+    main(["ingest", str(urls), str(out), "--image-size", "64", "--processes", "1"])  # positional: deprecated alias
+    captured = capsys.readouterr()
+    assert "deprecated" in captured.err and "2 new URL(s)" in captured.out
+    first = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    assert list(first) == ["00000.tar"]
+    pd.DataFrame(rows).to_csv(urls, index=False)
+    main(["ingest", str(urls), "--out", str(out), "--image-size", "64", "--processes", "1"])
+    assert "2 new URL(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert (out / "00000.tar").read_bytes() == first["00000.tar"]  # the first shard is not rewritten
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 2, "00001.tar": 2}
+    main(["ingest", str(urls), "--out", str(out), "--image-size", "64", "--processes", "1"])  # nothing new
+    assert "0 new URL(s)" in capsys.readouterr().out
+    df = build_catalog(out, scheduler=dask_address)
+    assert len(df) == 4 and df["key"].is_unique
+    by_url = {r["url"]: r for r in rows}
+    assert set(df["url"]) == set(by_url)
+    assert [by_url[u]["label"] for u in df["url"]] == list(df["label"])  # a list column became the label
+    for u, src in zip(df["url"], df["source_sha256"]):
+        name = u.rsplit("/", 1)[1]
+        served = (tmp_path / "www" / name).read_bytes()
+        assert src == hashlib.sha256(served).hexdigest()  # img2dataset's hash: the downloaded bytes
+    assert not (df["sha256"] == df["source_sha256"]).any()  # ours: the stored (resized) bytes
+    samples = {s.meta["url"]: s for tar in sorted(out.glob("*.tar")) for s in iter_samples(tar)}
+    assert {u: s.meta["page"] for u, s in samples.items()} == {r["url"]: r["page"] for r in rows}
+    from mmsanitize.labels import class_masks
+
+    masks = class_masks(df, [rows[0]["url"]], "column:url")
+    assert masks[rows[0]["url"]].sum() == 1
+
+
+def test_ingest_removes_partial_shards_of_a_killed_run(server, tmp_path):
+    out = tmp_path / "web"
+    urls = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [f"{server}/img{i}.png" for i in range(2)], "caption": ["a", "b"]}).to_csv(urls, index=False)
+    ingest(str(urls), str(out), image_size=64, processes=1)
+    (out / "00000_stats.json").unlink()  # as if killed before the shard finished
+    (out / "00000.tar").write_bytes(b"partial")
+    res = ingest(str(urls), str(out), image_size=64, processes=1)
+    assert res["new_urls"] == 2 and res["successes"] == 2
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    assert len(list(iter_samples(out / "00000.tar"))) == 2
+    with pytest.raises(UsageError, match="--shard-size"):
+        ingest(str(urls), str(out), image_size=64, processes=1, shard_size=50)
