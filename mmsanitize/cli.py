@@ -555,18 +555,55 @@ def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, det
 
 @cli.command()
 @click.argument("shards")
-@click.option("--scan", "scan_dir", required=True, type=click.Path(file_okay=False), help="Folder written by mmsanitize scan.")
+@click.option("--scan", "scan_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder written by mmsanitize scan: drop its flagged pairs.")
+@click.option("--verify", "verify_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder written by mmsanitize verify: drop samples whose URL now serves other bytes.")
+@click.option("--drop", default="changed", show_default=True, metavar="STATUS[,STATUS]",
+              help="With --verify: the statuses to drop (changed, gone, error, unverifiable).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the cleaned shards.")
 @dask_options
-def sanitize(shards, scan_dir, out, scheduler, workers):
-    """Copy the shards without the pairs a scan flagged (raw bytes, resumable) + removed.parquet.
+def sanitize(shards, scan_dir, verify_dir, drop, out, scheduler, workers):
+    """Copy the shards without the pairs a scan flagged and/or a verify found changed (raw bytes,
+    resumable) + removed.parquet.
 
+    \b
     Example: mmsanitize sanitize runs/p/ --scan runs/p-scan/ --out runs/p-clean/
+    Split-view check: mmsanitize sanitize data/web/ --verify runs/web-verify/ --drop changed,gone --out data/web-ok/
     """
     from .sanitize import sanitize as run
 
-    s = run(shards, scan=scan_dir, out=out, scheduler=scheduler, workers=workers)
-    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs in {s['shards']} shard(s) -> {out}")
+    s = run(shards, scan=scan_dir, verify=verify_dir, drop=tuple(d.strip() for d in drop.split(",") if d.strip()),
+            out=out, scheduler=scheduler, workers=workers)
+    by_verify = f" ({s['removed_by_verify']:,} by verify)" if "removed_by_verify" in s else ""
+    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs{by_verify} in {s['shards']} shard(s) -> {out}")
+
+
+@cli.command()
+@click.argument("shards")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for verify.parquet and summary.json.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Connections at once per Dask worker.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per request.")
+@click.option("--retries", type=int, default=2, show_default=True, help="Retries of timeouts, refused connections, 5xx/429.")
+@click.option("--overwrite", is_flag=True, help="Fetch again shards an earlier run verified.")
+@dask_options
+def verify(shards, out, concurrency, timeout, retries, overwrite, scheduler, workers):
+    """Split-view check: re-fetch every sample's URL and compare with the sha256 recorded at download.
+
+    Reports unchanged, changed (other bytes now), gone (404/410), error and unverifiable samples in
+    OUT/verify.parquet and OUT/summary.json (Carlini et al. 2023).
+
+    Example: mmsanitize verify data/web/ --out runs/web-verify/
+    """
+    from .verify import verify as run
+
+    s = run(shards, out=out, concurrency=concurrency, timeout=timeout, retries=retries, overwrite=overwrite,
+            scheduler=scheduler, workers=workers)
+    print_table([{"status": k, "samples": v} for k, v in s["counts"].items()])
+    click.echo(f"{s['samples']:,} samples in {s['shards']} shard(s) checked -> {out}/verify.parquet")
+    if s["counts"]["changed"]:
+        click.echo(f"{s['counts']['changed']} URL(s) now serve other bytes: "
+                   f"mmsanitize sanitize {shards} --verify {out} --drop changed --out CLEAN")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,14 +46,20 @@ def _done(task: SanitizeTask):
 def sanitize(
     shards: str | os.PathLike | list,
     *,
-    scan: str | os.PathLike,
+    scan: str | os.PathLike | None = None,
     out: str | os.PathLike,
+    verify: str | os.PathLike | None = None,
+    drop: tuple[str, ...] = ("changed",),
     scheduler: str | None = None,
     workers: int | None = None,
     retries: int = 1,
 ) -> dict:
     """Write the shards without the keys `scan` flagged into `out`; returns
     {"kept", "removed", "shards", "skipped", "seconds"}.
+
+    `verify` (a `mmsanitize verify` folder) also drops the samples whose re-fetched URL has a
+    status in `drop` (default: changed; e.g. ("changed", "gone")), reason `verify: STATUS`.
+    At least one of `scan` and `verify` is needed.
 
     Raises UsageError when the scan does not cover these shards, when the output would be the
     input folder, or when a shard would lose every sample (nothing sensible to write).
@@ -64,15 +70,21 @@ def sanitize(
     out = Path(out)
     if out.resolve() == paths[0].parent.resolve():
         raise UsageError("--out must differ from the input folder")
-    scores_path = Path(scan) / "scores.parquet"
-    if not scores_path.exists():
-        raise UsageError(f"{scan} is not a scan folder (no scores.parquet)")
-    scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+    if scan is None and verify is None:
+        raise UsageError("give --scan DIR (mmsanitize scan) and/or --verify DIR (mmsanitize verify)")
     names = {shard_stem(p): p for p in paths}
-    scanned = set(scores["shard"])
-    missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
-    if missing:
-        raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
+    scores = _verify_drops(verify, drop, names) if scan is None else None
+    if scores is None:
+        scores_path = Path(scan) / "scores.parquet"
+        if not scores_path.exists():
+            raise UsageError(f"{scan} is not a scan folder (no scores.parquet)")
+        scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+        scanned = set(scores["shard"])
+        missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
+        if missing:
+            raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
+        if verify is not None:
+            scores = _merge_flags(scores, _verify_drops(verify, drop, names))
     flagged = scores[scores["flagged"]]
     flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
     by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
@@ -92,6 +104,42 @@ def sanitize(
     write_parquet_atomic(removed[["key", "shard", "combined", "reason"]], out / "removed.parquet")
     kept = sum(int(r["count"]) for r in res.results.values())
     summary = {"kept": kept, "removed": int(len(removed)), "shards": len(tasks), "skipped": res.skipped,
-               "seconds": res.seconds, "scan": str(scan)}
+               "seconds": res.seconds, "scan": None if scan is None else str(scan)}
+    if verify is not None:
+        summary.update(verify=str(verify), verify_drop=list(drop),
+                       removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))
     write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
     return summary
+
+
+def _verify_drops(verify, drop, names: dict):
+    """verify.parquet's rows as scores-like flags (key, shard, combined NaN, flagged, reason)."""
+    from .verify import drop_keys
+
+    rows = drop_keys(verify, tuple(drop))
+    import pandas as pd
+
+    path = Path(verify) / "verify.parquet"
+    verified = set(pd.read_parquet(path, columns=["shard"])["shard"])
+    missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in verified)
+    if missing:
+        raise UsageError(f"verify {verify} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
+    every = pd.read_parquet(path, columns=["key", "shard"])
+    flags = every.assign(combined=float("nan"), flagged=False, reason="")
+    hit = flags.set_index(["shard", "key"]).index.isin(rows.set_index(["shard", "key"]).index)
+    flags.loc[hit, "flagged"] = True
+    flags.loc[hit, "reason"] = ("verify: " + rows.set_index(["shard", "key"])["status"]).reindex(
+        flags[hit].set_index(["shard", "key"]).index).to_numpy()
+    return flags
+
+
+def _merge_flags(scores, flags):
+    """Scan scores with verify flags OR-ed in (reasons joined with '; ')."""
+    merged = scores.merge(flags[["key", "shard", "flagged", "reason"]], on=["key", "shard"], how="left",
+                          suffixes=("", "_v"))
+    extra = merged["flagged_v"].fillna(False).astype(bool)
+    merged["reason"] = [("; ".join(x for x in (r if f else "", rv) if x) if e else r)
+                        for r, f, rv, e in zip(merged["reason"].fillna(""), merged["flagged"],
+                                               merged["reason_v"].fillna(""), extra)]
+    merged["flagged"] = merged["flagged"] | extra
+    return merged[["key", "shard", "combined", "flagged", "reason"]]
