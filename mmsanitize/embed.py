@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import map_shards
+from .engine import ShardProgress, map_shards
 from .errors import ShardError, UsageError
 from .shards import (expand_shards, file_fingerprint, iter_samples, json_bytes, read_stats, shard_stem,
                      write_json_atomic, write_parquet_atomic)
@@ -129,6 +129,7 @@ def embed_shard(task: EmbedTask) -> dict:
         img, txt, rows = _embed_cached(model, task.path, shard)
         return _write_shard(task, out, img, txt, rows)
     img_parts, txt_parts, rows = [], [], []
+    progress = ShardProgress(task.name)
     with ThreadPoolExecutor(1) as pool, torch.no_grad():
         batches = _batches(task.path, task.batch_size)
         first = next(batches, None)
@@ -142,6 +143,7 @@ def embed_shard(task: EmbedTask) -> dict:
             txt_parts.append(_normalise(model.encode_text(tokens)))
             for s in samples:
                 rows.append({"key": s.key, "caption": s.caption, "row": len(rows), "shard": shard})
+            progress.add(len(samples))
             fut, samples = fut_next, nxt
     return _write_shard(task, out, np.concatenate(img_parts), np.concatenate(txt_parts), rows)
 

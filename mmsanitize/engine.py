@@ -78,8 +78,39 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
         cluster.close()
 
 
+PROGRESS_TOPIC = "mmsanitize-progress"
+
+
+class ShardProgress:
+    """Inside a Dask task: report samples done while a long shard runs, `ShardProgress(task.name).add(n)`.
+
+    Sent to the client's progress bar as Dask worker events at most every `every` seconds (the
+    rest arrives with the task's result `count`); a no-op outside a Dask worker."""
+
+    def __init__(self, task_name: str, every: float = 1.0):
+        try:
+            from distributed import get_worker
+
+            self.worker = get_worker()
+        except (ImportError, ValueError):
+            self.worker = None
+        self.name, self.every = task_name, every
+        self.pending, self.last = 0, time.monotonic()
+
+    def add(self, samples: int) -> None:
+        if self.worker is None:
+            return
+        self.pending += int(samples)
+        now = time.monotonic()
+        if now - self.last >= self.every and self.pending:
+            self.worker.log_event(PROGRESS_TOPIC, {"task": self.name, "n": self.pending})
+            self.pending, self.last = 0, now
+
+
 class Progress:
-    """Shards done / total, samples/s and ETA on stderr (tqdm), fed by task results' `count`."""
+    """Shards done / total, samples counted inside running shards, samples/s and ETA on stderr
+    (tqdm). Fed by task results' `count` and, while a long shard runs, by `ShardProgress`
+    events from the workers (`attach(client)`)."""
 
     def __init__(self, total: int, desc: str, enabled: bool | None = None):
         from tqdm import tqdm
@@ -88,17 +119,49 @@ class Progress:
             enabled = os.environ.get("MMSANITIZE_PROGRESS", "1") != "0"
         self.start = time.monotonic()
         self.samples = 0
+        self.partial: dict[str, int] = {}  # samples reported by shards still running
+        self.done = 0  # shards finished in this run
+        self.client = None
         self.bar = tqdm(total=total, desc=desc, unit="shard", file=sys.stderr, disable=not enabled,
                         dynamic_ncols=True, mininterval=0.5)
 
-    def update(self, result: Any) -> None:
-        if isinstance(result, dict):
-            self.samples += int(result.get("count", 0) or 0)
+    def attach(self, client: Any, names: Sequence[str] = ()) -> None:
+        """Count `ShardProgress` events of the tasks `names` (all tasks when empty)."""
+        self.names = set(names)
+        try:
+            client.subscribe_topic(PROGRESS_TOPIC, self._event)
+            self.client = client
+        except Exception:  # an old or remote scheduler without topics: per-shard progress only
+            self.client = None
+
+    def _event(self, event) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        name = msg.get("task")
+        if self.names and name not in self.names:
+            return
+        n = int(msg.get("n", 0))
+        self.partial[name] = self.partial.get(name, 0) + n
+        self.samples += n
+        self._postfix(refresh=True)
+
+    def _postfix(self, refresh: bool) -> None:
         rate = self.samples / max(time.monotonic() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{rate:,.0f} samples/s", refresh=False)
+        self.bar.set_postfix_str(f"{self.samples:,} samples, {rate:,.0f} samples/s", refresh=refresh)
+
+    def update(self, result: Any, name: str | None = None) -> None:
+        """One shard finished with `result` (its `count` minus what it reported while running)."""
+        if isinstance(result, dict):
+            self.samples += int(result.get("count", 0) or 0) - self.partial.pop(name, 0)
+        self.done += 1
+        self._postfix(refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.unsubscribe_topic(PROGRESS_TOPIC)
+            except Exception:
+                pass
         self.bar.close()
 
 
@@ -142,6 +205,7 @@ def map_shards(
             client = stack.enter_context(dask_client(scheduler, workers))
         from distributed import as_completed
 
+        progress.attach(client, [t.name for t in pending])
         futures = {}
         for task in pending:
             fut = client.submit(fn, task, key=f"{desc}-{task.name}-{os.getpid()}-{time.time_ns()}",
@@ -161,7 +225,7 @@ def map_shards(
                     progress.bar.update(1)
                     continue
                 results[task.name] = res
-                progress.update(res)
+                progress.update(res, task.name)
         finally:
             progress.close()
             for fut in futures:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import map_shards
+from .engine import ShardProgress, map_shards
 from .errors import UsageError
 from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic
 
@@ -99,8 +99,12 @@ def verify_shard(task: VerifyTask) -> dict:
 
     import pandas as pd
 
+    progress = ShardProgress(task.name)
+    rows = []
     with cf.ThreadPoolExecutor(max_workers=max(1, task.concurrency)) as pool:
-        rows = list(pool.map(lambda r: check_one(*r, timeout=task.timeout, retries=task.retries), task.rows))
+        for row in pool.map(lambda r: check_one(*r, timeout=task.timeout, retries=task.retries), task.rows):
+            rows.append(row)
+            progress.add(1)
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "shard"])
     df.insert(1, "shard", task.shard)
     df["http_status"] = df["http_status"].astype("Int64")
