@@ -77,7 +77,8 @@ def sanitize(
     if scores is None:
         scores_path = Path(scan) / "scores.parquet"
         if not scores_path.exists():
-            raise UsageError(f"{scan} is not a scan folder (no scores.parquet)")
+            raise UsageError(f"{scan} is not a scan folder (no scores.parquet; `mmsanitize scan SHARDS --model REF "
+                             f"--threshold auto --out {scan}` creates it)")
         scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
         scanned = set(scores["shard"])
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
