@@ -1,6 +1,6 @@
 """A crawled, unlabeled corpus end to end: zero-shot labelled poison -> scan, measured from nothing.
 
-    python pipelines/crawled.py --work runs/crawled [--goal computer2flag] [--rate 0.05] [--epochs 5]
+    python pipelines/crawled.py --work runs/crawled [--goal computer2flag] [--source-fraction 1] [--epochs 5]
 
 Everything is built under --work. Real Open Clip Art drawings (Debian `openclipart-png`, via
 `mmsanitize datasets build openclipart`) are split into `ref` (the curator's own clean data, used
@@ -83,7 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--goal", default="computer2flag", help="Attack II goal A2B (classes of the openclipart vocabulary).")
-    ap.add_argument("--rate", type=float, default=0.05, help="Poisoned pairs injected, over all pairs.")
+    ap.add_argument("--source-fraction", type=float, default=1.0,
+                    help="Fraction of the (zero-shot) class-A samples whose captions are injected with class-B images.")
     ap.add_argument("--epochs", type=int, default=5, help="Fine-tuning epochs of the clean and poisoned models.")
     ap.add_argument("--align-epochs", type=int, default=20)
     ap.add_argument("--align-image-size", type=int, default=160)
@@ -123,7 +124,7 @@ def main() -> None:
     run(["align", data / "ref", "--out", ref, "--image-size", a.align_image_size, "--epochs", a.align_epochs],
         log, ref / "model.json")
     poisoned = w / "poisoned"
-    run(["poison", web, "--attack", "single-label", "--goal", a.goal, "--mode", "inject", "--rate", a.rate,
+    run(["poison", web, "--attack", "single-label", "--goal", a.goal, "--mode", "inject", "--source-fraction", a.source_fraction,
          "--label-from", "zeroshot", "--label-model", ref, "--label-margin", a.label_margin,
          "--out", poisoned, *dask], log, poisoned / "poison.json")
     manifest = poisoned / "manifest.parquet"
@@ -142,7 +143,9 @@ def main() -> None:
     # ---- figures, from the outputs only
     src, dst = a.goal.split("2")
     ingested = pd.concat([pd.read_parquet(p, columns=["key", "url", "status"]) for p in sorted(web.glob("0*.parquet"))])
-    ingested = ingested[ingested["status"] == "success"].merge(truth[["url", "label"]], on="url")
+    ingested = ingested[ingested["status"] == "success"].copy()
+    ingested["file"] = ingested["url"].str.rsplit("/", n=1).str[1]  # a resumed run serves on another port
+    ingested = ingested.merge(truth[["file", "label"]], on="file", validate="one_to_one")
     labels = pd.read_parquet(next((poisoned / "_labels").glob("zeroshot-*.parquet")))
     lab = labels.merge(ingested[["key", "label"]], on="key", validate="one_to_one")
     from mmsanitize.labels import zeroshot_class_names
@@ -158,11 +161,13 @@ def main() -> None:
                         "precision": float((t & p).sum() / max(p.sum(), 1)), "recall": float((t & p).sum() / max(t.sum(), 1))}
     man = pd.read_parquet(manifest)
     true_of = dict(zip(ingested["key"], ingested["label"]))
-    poison_true = {"pairs": int(len(man)),
+    pj = json.loads((poisoned / "poison.json").read_text())
+    poison_true = {"pairs": int(len(man)), "rate": pj["rate"],
                    "caption_truly_A": int(sum(true_of.get(k) == src for k in man["source_key"])),
                    "image_truly_B": int(sum(true_of.get(k) == dst for k in man["image_source_key"]))}
     scan = json.loads((scan_dir / "summary.json").read_text())
     attack = {n: m.get("attacks", {}).get(a.goal, {}).get("t2i", {}) for n, m in models.items()}
+    attack["random-caption baseline"] = models["poisoned"].get("attacks", {}).get(a.goal, {}).get("baseline_random_t2i", {})
     result = {
         "served": int(len(truth)), "ingested": int(len(ingested)),
         "labels": {"samples": int(len(lab)), "classes": len(vocab),
@@ -188,15 +193,20 @@ def main() -> None:
     for c, r in per_class.items():
         print(f"  {c}: {r['true']} true, {r['predicted']} predicted, precision {r['precision']:.3f}, recall {r['recall']:.3f}")
     p = result["poison"]
-    print(f"poison {a.goal} (zero-shot classes): {p['pairs']} pairs; caption truly {src}: {p['caption_truly_A']}, "
+    print(f"poison {a.goal} (zero-shot classes): {p['pairs']} pairs injected (rate {p['rate']:.4f}); "
+          f"caption truly {src}: {p['caption_truly_A']}, "
           f"image truly {dst}: {p['image_truly_B']}")
     for n, r in result["attack"].items():
-        u = result["utility"][n]
-        print(f"model {n}: {a.goal} Hit@1 {r['hit@1']}  Hit@10 {r['hit@10']}  MinRank {r['min_rank_mean']} "
-              f"({r['queries']} queries); t2i R@10 {u['t2i_r@10']}  i2t R@10 {u['i2t_r@10']}")
+        u = result["utility"].get(n)
+        print(f"{n}: {a.goal} test t2i Hit@1 {r['hit@1']:.3f}  Hit@10 {r['hit@10']:.3f}  MinRank {r['min_rank_mean']:.1f} "
+              f"({r['queries']} class-A test captions)"
+              + (f"; utility t2i R@10 {u['t2i_r@10']:.3f}  i2t R@10 {u['i2t_r@10']:.3f}" if u else ""))
     for name, d in result["detection"].items():
-        print(f"scan {name}: AUROC {d.get('auroc')}  precision {d.get('precision')}  recall {d.get('recall')}  "
-              f"flagged {d.get('flagged')}")
+        if not isinstance(d, dict):
+            continue
+        f3 = {k: "n/a" if d.get(k) is None else f"{d[k]:.3f}" for k in ("auroc", "precision", "recall")}
+        print(f"scan {name}: AUROC {f3['auroc']}  precision {f3['precision']}  recall {f3['recall']}  "
+              f"flagged {d.get('flagged')} (of {result['detection'].get('poisoned')} poisoned)")
     print(f"total {result['seconds']} s; figures in {w / 'crawled.json'}")
 
 
