@@ -194,25 +194,25 @@ def test_folder_builder_reports_missing_and_broken_files(tmp_path, dask_address)
 
 
 def test_missing_sources_exit_2(tmp_path, capsys):
-    for argv in (["datasets", "build", "openclipart", str(tmp_path / "o"), "--source", str(tmp_path / "none")],
-                 ["datasets", "build", "fashion-mnist", str(tmp_path / "o"), "--source", str(tmp_path)],
-                 ["datasets", "build", "folder", str(tmp_path / "o")],
-                 ["datasets", "build", "folder", str(tmp_path / "o"), "--source", str(tmp_path)],
-                 ["datasets", "build", "openclipart", str(tmp_path / "o"), "--splits", "a=0.3"]):
+    for argv in (["datasets", "build", "openclipart", "--out", str(tmp_path / "o"), "--source", str(tmp_path / "none")],
+                 ["datasets", "build", "fashion-mnist", "--out", str(tmp_path / "o"), "--source", str(tmp_path)],
+                 ["datasets", "build", "folder", "--out", str(tmp_path / "o")],
+                 ["datasets", "build", "folder", "--out", str(tmp_path / "o"), "--source", str(tmp_path)],
+                 ["datasets", "build", "openclipart", "--out", str(tmp_path / "o"), "--splits", "a=0.3"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
     with pytest.raises(SystemExit):
-        main(["datasets", "build", "openclipart", str(tmp_path / "o"), "--source", str(tmp_path / "none")])
+        main(["datasets", "build", "openclipart", "--out", str(tmp_path / "o"), "--source", str(tmp_path / "none")])
     assert "apt-get install openclipart-png openclipart-svg" in capsys.readouterr().err
 
 
 @needs_oca
 def test_cli_build_prints_class_table(oca_subset, tmp_path, dask_address, capsys):
     src, _ = oca_subset
-    main(["datasets", "build", "openclipart", str(tmp_path / "o"), "--source", str(src), "--limit", "10",
+    main(["datasets", "build", "openclipart", "--out", str(tmp_path / "o"), "--source", str(src), "--limit", "10",
           "--image-size", "32", "--scheduler", dask_address])
     out = capsys.readouterr().out
     assert "TOTAL" in out and "skipped" in out
