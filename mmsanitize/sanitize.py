@@ -115,23 +115,18 @@ def sanitize(
 
 def _verify_drops(verify, drop, names: dict):
     """verify.parquet's rows as scores-like flags (key, shard, combined NaN, flagged, reason)."""
+    import pandas as pd
+
     from .verify import drop_keys
 
     rows = drop_keys(verify, tuple(drop))
-    import pandas as pd
-
-    path = Path(verify) / "verify.parquet"
-    verified = set(pd.read_parquet(path, columns=["shard"])["shard"])
-    missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in verified)
+    every = pd.read_parquet(Path(verify) / "verify.parquet", columns=["key", "shard"])
+    missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in set(every["shard"]))
     if missing:
         raise UsageError(f"verify {verify} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
-    every = pd.read_parquet(path, columns=["key", "shard"])
-    flags = every.assign(combined=float("nan"), flagged=False, reason="")
-    hit = flags.set_index(["shard", "key"]).index.isin(rows.set_index(["shard", "key"]).index)
-    flags.loc[hit, "flagged"] = True
-    flags.loc[hit, "reason"] = ("verify: " + rows.set_index(["shard", "key"])["status"]).reindex(
-        flags[hit].set_index(["shard", "key"]).index).to_numpy()
-    return flags
+    flags = every.merge(rows, on=["key", "shard"], how="left")
+    return pd.DataFrame({"key": flags["key"], "shard": flags["shard"], "combined": float("nan"),
+                         "flagged": flags["status"].notna(), "reason": ("verify: " + flags["status"]).fillna("")})
 
 
 def _merge_flags(scores, flags):

@@ -100,6 +100,21 @@ def test_ingest_verify_sanitize_round_trip(site, tmp_path, dask_address, capsys)
     only_changed = tmp_path / "clean2"
     main(["sanitize", str(web), "--verify", str(ver), "--out", str(only_changed), "--scheduler", dask_address])
     assert "kept 3, removed 1 pairs" in capsys.readouterr().out
+    # with a scan as well: the union of both, each pair with its reasons
+    scan = tmp_path / "scan"
+    main(["scan", str(web), "--model", "tiny", "--flag-fraction", "0.25", "--detectors", "similarity",
+          "--out", str(scan), "--scheduler", dask_address])
+    scores = pd.read_parquet(scan / "scores.parquet")
+    by_scan = set(scores.loc[scores["flagged"], "key"])
+    by_verify = set(df.loc[df["status"] == "changed", "key"])
+    both = tmp_path / "clean3"
+    main(["sanitize", str(web), "--scan", str(scan), "--verify", str(ver), "--out", str(both),
+          "--scheduler", dask_address])
+    removed = pd.read_parquet(both / "removed.parquet")
+    assert set(removed["key"]) == by_scan | by_verify and len(by_scan) == 1
+    reasons = dict(zip(removed["key"], removed["reason"]))
+    assert all("verify: changed" in reasons[k] for k in by_verify)
+    assert all(reasons[k] and reasons[k] != "verify: changed" for k in by_scan - by_verify)
 
 
 def test_verify_and_sanitize_bad_requests(tiny_dataset, tmp_path, dask_address, capsys):
