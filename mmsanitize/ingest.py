@@ -78,6 +78,11 @@ def ingest(
         if prev.get("shard_size") != shard_size:
             raise UsageError(f"{out} was ingested with --shard-size {prev.get('shard_size')}; resume with the same "
                              "value (keys are shard id x shard size + position)")
+    foreign = sorted(f.name for f in out_path.glob("*.json") if f.name != "sizes.json"
+                     and not (f.name.endswith("_stats.json") and f.name.split("_")[0].isdigit()))
+    if foreign:
+        raise UsageError(f"{out} holds {foreign[0]}, which img2dataset would read as a finished shard; "
+                         "ingest into an empty folder or a previous ingest's --out")
     done_urls = _clean_and_done_urls(out_path)
     new = table[~table[url_col].astype(str).isin(done_urls)]
     if len(new):

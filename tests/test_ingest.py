@@ -135,3 +135,6 @@ def test_ingest_removes_partial_shards_of_a_killed_run(server, tmp_path):
     assert len(list(iter_samples(out / "00000.tar"))) == 2
     with pytest.raises(UsageError, match="--shard-size"):
         ingest(str(urls), str(out), image_size=64, processes=1, shard_size=50)
+    (out / "notes.json").write_text("{}")
+    with pytest.raises(UsageError, match="notes.json, which img2dataset would read as a finished shard"):
+        ingest(str(urls), str(out), image_size=64, processes=1)
