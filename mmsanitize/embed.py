@@ -197,6 +197,9 @@ def embed(
     card = get_model(model).card()
     mhash = model_hash(card)
     out = Path(out)
+    from .outputs import claim_out
+
+    claim_out(out, "embed", paths, overwrite=overwrite)
     card_path = out / "model.json"
     if card_path.exists() and not overwrite:
         old = json.loads(card_path.read_text())
@@ -226,7 +229,9 @@ def load_embeddings(emb_dir: str | os.PathLike, names: list[str] | None = None) 
     card_path = emb_dir / "model.json"
     if not card_path.exists():
         raise UsageError(f"{emb_dir} is not an embeddings folder (no model.json)")
-    card = json.loads(card_path.read_text())
+    from .models import read_card
+
+    card = read_card(card_path, need_base=False)
     if names is None:
         names = sorted(p.stem[len("metadata_"):] for p in (emb_dir / "metadata").glob("metadata_*.parquet"))
     imgs, txts, metas = [], [], []
@@ -236,7 +241,13 @@ def load_embeddings(emb_dir: str | os.PathLike, names: list[str] | None = None) 
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise ShardError(f"{n}.tar", f"no embeddings in {emb_dir} (missing {missing[0]})")
-        i, t, m = np.load(files[0]), np.load(files[1]), pd.read_parquet(files[2])
+        try:
+            i, t, m = np.load(files[0]), np.load(files[1]), pd.read_parquet(files[2])
+            if i.dtype.kind != "f" or t.dtype.kind != "f" or i.ndim != 2 or t.ndim != 2:
+                raise ValueError(f"arrays of {i.dtype}{i.shape} and {t.dtype}{t.shape}, not float matrices")
+        except Exception as e:  # noqa: BLE001 - object arrays (pickles), junk bytes, bad parquet
+            raise ShardError(f"{n}.tar", f"unreadable embeddings in {emb_dir} ({type(e).__name__}: "
+                                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
         if not (len(i) == len(t) == len(m)):
             raise ShardError(f"{n}.tar", f"embedding files disagree: {len(i)} image rows, {len(t)} text rows, "
                                          f"{len(m)} metadata rows")

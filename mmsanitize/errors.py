@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -55,3 +57,26 @@ def _from_worker_message(message: str) -> tuple[str, str, None]:
         where, reason = line[len("shard "):].split(": ", 1)
         return where, reason, None
     return "?", line, None
+
+
+def log_dir() -> str:
+    """Where internal-error tracebacks go: `MMSANITIZE_LOG_DIR`, else `$XDG_CACHE_HOME/mmsanitize/logs`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("MMSANITIZE_LOG_DIR") or os.path.join(base, "mmsanitize", "logs")
+
+
+def log_traceback(text: str) -> str:
+    """Write a traceback to a new file in `log_dir()` (or the temp dir) and return its path."""
+    import tempfile
+
+    name = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}.log"
+    for folder in (log_dir(), tempfile.gettempdir()):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, name)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return "(no writable log folder)"

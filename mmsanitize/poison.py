@@ -433,6 +433,10 @@ def poison_dataset(
     names = [shard_stem(p) for p in paths]
     out_dir = Path(out)
     _check_out(out_dir, in_root, {p.name for p in paths})
+    from .outputs import check_seed, claim_out, input_bytes
+
+    check_seed(seed)
+    claim_out(out_dir, "poison", paths, overwrite=overwrite, need_bytes=input_bytes(paths) * 11 // 10)
     if images_from is not None:
         from .attacks.pool import pool_roots
 

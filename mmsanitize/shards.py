@@ -361,6 +361,9 @@ def _iter_tar(fileobj: BinaryIO, shard: str, with_data) -> Iterator[tuple[Member
             yield member, None
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def split_name(name: str, shard: str) -> tuple[str, str]:
     """Split a member name into (key, extension) as webdataset does (at the first dot of the basename)."""
     directory, _, base = name.rpartition("/")
@@ -372,6 +375,8 @@ def split_name(name: str, shard: str) -> tuple[str, str]:
                          key=(directory + "/" if directory else "") + base.rsplit(".", 1)[0])
     if not key:
         raise ShardError(shard, "tar member has an empty key", key=name)
+    if _CONTROL_CHARS.search(key):
+        raise ShardError(shard, "key contains control characters", key=key)
     return (directory + "/" + key if directory else key), ext.lower()
 
 

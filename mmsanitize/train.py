@@ -308,12 +308,21 @@ def train(
     if (lr is not None and lr <= 0) or (head_lr is not None and head_lr <= 0):
         raise UsageError("--lr and --head-lr must be > 0")
     paths = [str(p) for p in expand_shards(shards)]
+    from .outputs import check_seed, claim_out
+
+    check_seed(seed)
+    claim_out(out, "train", paths)
     state_path = out / "train_state.pt"
     start_epoch, step = 0, 0
     history: list[dict] = []
     source = init or model
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            int(state["epoch"]), int(state["step"])
+        except Exception as e:  # noqa: BLE001 - a pickle needing code, junk bytes, wrong content
+            raise UsageError(f"cannot --resume from {state_path}: not a plain train state "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
         source = str(out)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         hist = out / "history.jsonl"

@@ -80,32 +80,32 @@ def _truncated():
 
 @hostile("dotdot-name")
 def _dotdot():
-    return _pad(tar_member("../000000001.jpg", make_image("dog", 1)) + sample("000000002"))
+    return _pad(tar_member("../999990001.jpg", make_image("dog", 1)) + sample("999990002"))
 
 
 @hostile("absolute-name")
 def _absolute():
-    return _pad(_header("/etc/000000001.jpg", 0) + sample("000000002"))
+    return _pad(_header("/etc/999990001.jpg", 0) + sample("999990002"))
 
 
 @hostile("symlink")
 def _symlink():
-    return _pad(sample("000000001") + _header("000000002.jpg", 0, b"2", linkname="/etc/passwd"))
+    return _pad(sample("999990001") + _header("999990002.jpg", 0, b"2", linkname="/etc/passwd"))
 
 
 @hostile("hardlink")
 def _hardlink():
-    return _pad(sample("000000001") + _header("000000002.jpg", 0, b"1", linkname="000000001.jpg"))
+    return _pad(sample("999990001") + _header("999990002.jpg", 0, b"1", linkname="999990001.jpg"))
 
 
 @hostile("fifo")
 def _fifo():
-    return _pad(_header("000000001.jpg", 0, b"6") + sample("000000002"))
+    return _pad(_header("999990001.jpg", 0, b"6") + sample("999990002"))
 
 
 @hostile("device")
 def _device():
-    return _pad(_header("000000001.jpg", 0, b"3") + sample("000000002"))
+    return _pad(_header("999990001.jpg", 0, b"3") + sample("999990002"))
 
 
 @hostile("ihdr-bomb")
@@ -117,37 +117,37 @@ def _bomb():
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)) \
         + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
-    return _pad(sample("000000001") + sample("000000002", image=png, ext="png"))
+    return _pad(sample("999990001") + sample("999990002", image=png, ext="png"))
 
 
 @hostile("not-an-image")
 def _not_image():
-    return _pad(sample("000000001") + sample("000000002", image=b"<html>not an image</html>"))
+    return _pad(sample("999990001") + sample("999990002", image=b"<html>not an image</html>"))
 
 
 @hostile("caption-10MB")
 def _cap10():
-    return _pad(sample("000000001") + sample("000000002", caption=("dog " * (10 << 18))))
+    return _pad(sample("999990001") + sample("999990002", caption=("dog " * (10 << 18))))
 
 
 @hostile("caption-1MB-one-word")
 def _cap1w():
-    return _pad(sample("000000001") + sample("000000002", caption="d" * (1 << 20)))
+    return _pad(sample("999990001") + sample("999990002", caption="d" * (1 << 20)))
 
 
 @hostile("caption-non-utf8")
 def _nonutf8():
-    return _pad(sample("000000001") + sample("000000002", caption=b"\xff\xfe caption"))
+    return _pad(sample("999990001") + sample("999990002", caption=b"\xff\xfe caption"))
 
 
 @hostile("dotted-key")
 def _dotted():
-    return _pad(sample("000000001") + tar_member("000000002.x.jpg", make_image("dog", 2)))
+    return _pad(sample("999990001") + tar_member("999990002.x.jpg", make_image("dog", 2)))
 
 
 @hostile("duplicate-key")
 def _dup():
-    return _pad(sample("000000001") + sample("000000002") + sample("000000001"))
+    return _pad(sample("999990001") + sample("999990002") + sample("999990001"))
 
 
 @hostile("empty-tar")
@@ -167,53 +167,53 @@ def _gz():
 
 @hostile("caption-without-image")
 def _noimage():
-    return _pad(sample("000000001") + tar_member("000000002.txt", b"a dog") + tar_member("000000002.json", b"{}"))
+    return _pad(sample("999990001") + tar_member("999990002.txt", b"a dog") + tar_member("999990002.json", b"{}"))
 
 
 @hostile("invalid-json")
 def _badjson():
-    return _pad(sample("000000001") + sample("000000002", meta=b"{not json"))
+    return _pad(sample("999990001") + sample("999990002", meta=b"{not json"))
 
 
 @hostile("pax-negative-size")
 def _paxneg():
-    return _pad(_pax({"size": "-5000"}) + sample("000000001"))
+    return _pad(_pax({"size": "-5000"}) + sample("999990001"))
 
 
 @hostile("pax-junk-size")
 def _paxjunk():
-    return _pad(_pax({"size": "12abc"}) + sample("000000001"))
+    return _pad(_pax({"size": "12abc"}) + sample("999990001"))
 
 
 @hostile("x-header-negative-size")
 def _xneg():
-    return _pad(_pax({"path": "000000001.jpg"}, size_override=b"\xff" + b"\xff" * 10 + b"\x00") + sample("000000002"))
+    return _pad(_pax({"path": "999990001.jpg"}, size_override=b"\xff" + b"\xff" * 10 + b"\x00") + sample("999990002"))
 
 
 @hostile("L-header-negative-size")
 def _lneg():
-    return _pad(_header("././@LongLink", 0, b"L", size_field=b"\xff" * 11 + b"\x00") + sample("000000002"))
+    return _pad(_header("././@LongLink", 0, b"L", size_field=b"\xff" * 11 + b"\x00") + sample("999990002"))
 
 
 @hostile("g-header-negative-size")
 def _gneg():
-    return _pad(_pax({"comment": "x"}, size_override=b"\xff" * 12, typeflag=b"g") + sample("000000002"))
+    return _pad(_pax({"comment": "x"}, size_override=b"\xff" * 12, typeflag=b"g") + sample("999990002"))
 
 
 @hostile("base256-huge-size")
 def _b256():
-    return _pad(_header("000000001.jpg", 0, size_field=b"\x80" + b"\x7f" * 11) + sample("000000002"))
+    return _pad(_header("999990001.jpg", 0, size_field=b"\x80" + b"\x7f" * 11) + sample("999990002"))
 
 
 @hostile("bad-octal-size")
 def _octal():
-    return _pad(_header("000000001.jpg", 0, size_field=b"9z9z9z9z9z9\0") + sample("000000002"))
+    return _pad(_header("999990001.jpg", 0, size_field=b"9z9z9z9z9z9\0") + sample("999990002"))
 
 
 @hostile("control-chars-in-key")
 def _ctrl():
-    return _pad(sample("000000001") + tar_member("00000\n\x1b[2Jerror: forged.jpg", make_image("dog", 3))
-                + tar_member("00000\n\x1b[2Jerror: forged.txt", b"a dog"))
+    return _pad(sample("999990001") + tar_member("99999\n\x1b[2Jerror: forged.jpg", make_image("dog", 3))
+                + tar_member("99999\n\x1b[2Jerror: forged.txt", b"a dog"))
 
 
 def corrupt(base: bytes, rng: random.Random) -> bytes:
