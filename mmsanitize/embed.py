@@ -23,7 +23,7 @@ import numpy as np
 
 from .engine import map_shards
 from .errors import ShardError, UsageError
-from .shards import (expand_shards, file_fingerprint, iter_samples, json_bytes, read_stats, shard_stem,
+from .shards import (atomic_path, expand_shards, file_fingerprint, iter_samples, json_bytes, read_stats, shard_stem,
                      write_json_atomic, write_parquet_atomic)
 
 EMBED_VERSION = 1
@@ -150,11 +150,8 @@ def _write_shard(task: EmbedTask, out: Path, img: np.ndarray, txt: np.ndarray, r
     import pandas as pd
 
     for sub, arr in (("img_emb", img), ("text_emb", txt)):
-        path = out / sub / f"{sub}_{task.name}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(out / sub / f"{sub}_{task.name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
     write_parquet_atomic(pd.DataFrame(rows, columns=["key", "caption", "row", "shard"]),
                          out / "metadata" / f"metadata_{task.name}.parquet")
     stats = {"count": len(rows), "input": file_fingerprint(task.path), "model": task.model_hash,

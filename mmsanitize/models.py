@@ -253,7 +253,8 @@ def _open_clip_model(name: str, pretrained: str | None, device: str, *, load_wei
     import open_clip
 
     _, OpenClipEncoder, _ = _classes()
-    local = pretrained and (os.sep in pretrained or Path(pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors"))
+    local = pretrained and (os.sep in pretrained or Path(pretrained).is_file()
+                            or Path(pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors"))
     if local and not Path(pretrained).is_file():
         raise UsageError(f"pretrained checkpoint {pretrained} does not exist")
     state = read_weights(pretrained) if local else None  # refuse bad files before building anything
@@ -433,9 +434,10 @@ def save_checkpoint(model, out_dir: str | os.PathLike, *, spec: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.saved_state_dict().items()}
     partial = len(state) < len(model.state_dict())
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    from .shards import atomic_path
+
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     model.checkpoint_sha256 = checkpoint_hash(out / "model.safetensors")
     model.training_spec = spec
     card = model.card()

@@ -109,6 +109,10 @@ def check_out_file(out: str | os.PathLike, what: str = "--out") -> Path:
         raise UsageError(f"{what} {escape(out)} is a directory; give a file path such as metrics.json")
     if out.exists() and not out.is_file():
         raise UsageError(f"{what} {escape(out)} is not a regular file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder of {what} {escape(out)}: {escape(e.strerror or e)}") from None
     return out
 
 
@@ -154,3 +158,20 @@ def check_embeddings(emb_dir: str | os.PathLike, paths: list) -> None:
         if isinstance(stats, dict) and "input" in stats and stats["input"] != file_fingerprint(p):
             raise UsageError(f"--embeddings {escape(emb_dir)} were computed from another version of shard "
                              f"{escape(Path(p).name)} (content differs); recompute them for these shards")
+
+
+def check_parquet(path: str | os.PathLike, what: str, columns: tuple = ()) -> None:
+    """Refuse (UsageError) an input parquet (e.g. `--manifest`) that is missing, unreadable or lacks
+    `columns`, before any work."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} {escape(p)} does not exist or is not a file")
+    try:
+        names = pq.read_schema(p).names
+    except Exception as e:  # noqa: BLE001 - any arrow/parquet failure is a bad user file
+        raise UsageError(f"{what} {escape(p)} is not a readable parquet file ({type(e).__name__})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise UsageError(f"{what} {escape(p)} has no column {missing[0]!r}")

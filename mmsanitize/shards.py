@@ -10,6 +10,7 @@ that every member's byte range is known: rewriters copy untouched members as raw
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -536,11 +537,24 @@ def validate_key(key: str, shard: str = "<new>") -> None:
         raise ShardError(shard, "invalid key (must be non-empty, without dots, slashes or spaces)", key=key)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield `PATH.tmp` to write; it is renamed to `path` on success and removed on any failure
+    (a full disk, an exception), so no partial file is ever left under either name."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -553,11 +567,9 @@ def write_parquet_atomic(df, path: str | os.PathLike) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class ShardWriter:
@@ -605,10 +617,17 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):
+                self._f.close()
             self.abort()
             return
-        self.close()
+        try:
+            self.close()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Remove temporaries; nothing of this shard remains."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ShardError, UsageError
-from .shards import expand_shards, iter_samples, sha256
+from .shards import atomic_path, expand_shards, iter_samples, sha256
 
 LOCKS = (None, "image", "text", "backbones")
 _FEATURE_MEMO: dict = {}
@@ -436,10 +436,9 @@ def train(
         save_checkpoint(net, out / "epochs" / f"{epoch + 1:03d}", spec={**spec, "epoch": epoch + 1})
         save_checkpoint(net, out, spec={**spec, "epoch": epoch + 1})
         _write_history(out / "history.jsonl", history)
-        tmp = out / "train_state.pt.tmp"
-        torch.save({"epoch": torch.tensor(epoch + 1), "step": torch.tensor(step), "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"epoch": torch.tensor(epoch + 1), "step": torch.tensor(step),
+                        "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp)
         if max_steps and step >= max_steps:
             break
     return {"out": str(out), "epochs": len(history), "steps": step,
@@ -447,9 +446,8 @@ def train(
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
 
 
 def align(shards, *, out, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,

@@ -130,10 +130,12 @@ class Matrix:
 def report(pytestconfig, text: str) -> None:
     """Print `text` on the terminal (even under capture) and append it to $MMSANITIZE_FAULTS_REPORT."""
     tr = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capman = pytestconfig.pluginmanager.get_plugin("capturemanager")
     if tr is not None:
-        tr.write_line("")
-        for line in text.splitlines():
-            tr.write_line(line)
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            tr.write_line("")
+            for line in text.splitlines():
+                tr.write_line(line)
     dest = os.environ.get("MMSANITIZE_FAULTS_REPORT")
     if dest:
         with open(dest, "a", encoding="utf-8") as f:
