@@ -437,7 +437,15 @@ def save_checkpoint(model, out_dir: str | os.PathLike, *, spec: dict) -> str:
     from .shards import atomic_path
 
     with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+        try:
+            save_file(state, str(tmp))
+        except Exception as e:  # safetensors wraps I/O errors (a full disk) in its own type
+            import re
+
+            m = re.search(r"os error (\d+)", str(e))
+            if m is None:
+                raise
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(out / "model.safetensors")) from None
     model.checkpoint_sha256 = checkpoint_hash(out / "model.safetensors")
     model.training_spec = spec
     card = model.card()
