@@ -36,9 +36,11 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def claim_out(out: str | os.PathLike, verb: str, inputs: list, *, overwrite: bool = False,
-              need_bytes: int = 0) -> Path:
-    """Make sure `verb` may write into folder `out` for input files `inputs`; create it and write
-    the marker. Returns the folder.
+              need_bytes: int = 0, mark: bool = True, scratch: tuple = ()) -> Path:
+    """Make sure `verb` may write into folder `out` for input files `inputs`; unless `mark` is
+    False (the caller calls `mark_out` once its plan is valid), create it and write the marker.
+    Entries named in `scratch` (a killed run's work area) do not make a folder non-empty.
+    Returns the folder.
 
     Raises UsageError (one line, nothing written) when `out` is a file, is or lies inside an input's
     folder, is a non-empty folder without our marker, or carries the marker of another verb or (unless
@@ -55,7 +57,7 @@ def claim_out(out: str | os.PathLike, verb: str, inputs: list, *, overwrite: boo
         raise UsageError(f"--out {shown} exists and is not a directory")
     fingerprint = inputs_fingerprint(inputs)
     marker = out / MARKER
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name not in scratch for p in out.iterdir()):
         if not marker.is_file():
             raise UsageError(f"--out {shown} is a non-empty folder that mmsanitize {verb} did not write; "
                              "choose an absent or empty folder")
@@ -71,6 +73,16 @@ def claim_out(out: str | os.PathLike, verb: str, inputs: list, *, overwrite: boo
             raise UsageError(f"--out {shown} holds mmsanitize {verb} output of other input data; "
                              "choose another --out (or pass --overwrite where the verb has it)")
     check_free_space(out, need_bytes)
+    if mark:
+        mark_out(out, verb, inputs, fingerprint)
+    return out
+
+
+def mark_out(out: str | os.PathLike, verb: str, inputs: list, fingerprint: str | None = None) -> None:
+    """Create `out` and write its ownership marker (after `claim_out(..., mark=False)` said yes)."""
+    out = Path(out)
+    marker = out / MARKER
+    fingerprint = fingerprint or inputs_fingerprint(inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
         from .shards import write_json_atomic
@@ -80,8 +92,7 @@ def claim_out(out: str | os.PathLike, verb: str, inputs: list, *, overwrite: boo
         shards = {Path(p).name: file_fingerprint(p)["sha256"] for p in inputs}
         write_json_atomic(marker, {"verb": verb, "input": fingerprint, "shards": shards})
     except OSError as e:
-        raise UsageError(f"cannot write --out {shown}: {escape(e.strerror or e)}") from None
-    return out
+        raise UsageError(f"cannot write --out {escape(out)}: {escape(e.strerror or e)}") from None
 
 
 def check_free_space(out: str | os.PathLike, need_bytes: int) -> None:

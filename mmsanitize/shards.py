@@ -94,14 +94,14 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
     """Name, size and sha256 of a file's content: what resume and artifact checks compare.
 
     Content-based, so copying or touching a shard changes nothing; the hash is memoised in-process
-    by (path, size, mtime_ns, inode), so planning and the tasks read each file at most once.
+    by (path, size, mtime, ctime, inode), so planning and the tasks read each file at most once.
     """
     p = os.path.abspath(os.fspath(path))
     try:
         st = os.stat(p)
     except OSError as e:
         raise ShardError(Path(p).name, f"cannot read: {e.strerror}") from None
-    memo_key = (p, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    memo_key = (p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
     fp = _FINGERPRINTS.get(memo_key)
     if fp is None:
         h = hashlib.sha256()

@@ -98,3 +98,26 @@ def test_read_only_input_and_catalog_outside_it(tmp_path, monkeypatch, dask_addr
         subprocess.run(["chmod", "-R", "u+w", str(d)], check=True)
     assert tree_digest(d) == before
     assert list((tmp_path / "cache" / "mmsanitize" / "catalogs").glob("*/catalog.parquet"))
+
+
+class _Task:
+    def __init__(self, name):
+        self.name = name
+
+
+def _slow(task):
+    import time
+
+    if task.name == "stuck":
+        time.sleep(6)
+    return {"count": 1}
+
+
+@pytest.mark.slow
+def test_watchdog_fails_a_stuck_task_instead_of_stalling(dask_address, monkeypatch):
+    from mmsanitize.engine import EngineError, map_shards
+
+    monkeypatch.setenv("MMSANITIZE_TASK_TIMEOUT", "1.5")
+    with pytest.raises(EngineError) as exc:
+        map_shards(_slow, [_Task("fine"), _Task("stuck")], scheduler=dask_address, retries=0)
+    assert set(exc.value.failures) == {"stuck"} and "watchdog" in str(exc.value)
