@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from harness import report
 from hostile import HOSTILE, corrupt, good_tar
 from mmsanitize.errors import ShardError
 from mmsanitize.shards import iter_raw_samples, parse_sample
@@ -49,7 +50,7 @@ def read_all(path) -> str:
         signal.signal(signal.SIGALRM, old)
 
 
-def test_fuzzed_tars_end_in_samples_or_shard_error(tmp_path):
+def test_fuzzed_tars_end_in_samples_or_shard_error(tmp_path, pytestconfig):
     rng = random.Random(SEED)
     bases = [good_tar(n) for n in (1, 3, 6)] + [fn() for fn in HOSTILE.values()]
     bases = [b for b in bases if len(b) >= 1024]
@@ -66,8 +67,12 @@ def test_fuzzed_tars_end_in_samples_or_shard_error(tmp_path):
             bad.append((i, out))
             (tmp_path / f"case{i}.tar").write_bytes(data)
     seconds = time.monotonic() - t0
-    print(f"\nfuzzer: {CASES} corrupted tars (seed {SEED}) in {seconds:.1f} s: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    foreign = sum(v for k, v in outcomes.items() if k.startswith("foreign"))
+    report(pytestconfig, f"### tar fuzzer (tests/faults/test_tar_fuzz.py)\n\n{CASES} corrupted tars (seed {SEED}, "
+           f"limit {LIMIT_S:.0f} s each) in {seconds:.1f} s: "
+           + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+           + f"\n\ncounts: tried {CASES}, survived {CASES - len(bad)}, hangs {outcomes.get('hang', 0)}, "
+           f"foreign exceptions {foreign}\n")
     assert not bad, f"{len(bad)} cases hung or raised a foreign exception: {bad[:10]}"
     assert outcomes.get("ShardError", 0) > CASES // 2
 
