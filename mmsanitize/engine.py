@@ -86,7 +86,8 @@ def disk_error(e: OSError, what: str = "") -> MmsanitizeError | None:
     if e.errno not in DISK_ERRNOS:
         return None
     where = f" writing {e.filename}" if getattr(e, "filename", None) else (f" ({what})" if what else "")
-    return MmsanitizeError(f"{os.strerror(e.errno).lower()}{where}; free space and rerun (finished shards are kept)")
+    hint = "free space and rerun" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk and rerun"
+    return MmsanitizeError(f"{os.strerror(e.errno).lower()}{where}; {hint} (finished shards are kept)")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import tarfile
+import zlib
 
 from conftest import make_image
 from mmsanitize.shards import BLOCK, RECORD, tar_member
@@ -20,7 +21,7 @@ def _pad(blob: bytes) -> bytes:
 def sample(key: str, caption: bytes | str = "a photo of a dog", image: bytes | None = None,
            meta: bytes | None = None, ext: str = "jpg") -> bytes:
     """Tar members of one sample (image, txt, json) as our writer lays them out."""
-    image = make_image("dog", abs(hash(key)) % 1000) if image is None else image
+    image = make_image("dog", zlib.crc32(key.encode()) % 1000) if image is None else image
     caption = caption.encode() if isinstance(caption, str) else caption
     parts = [tar_member(f"{key}.{ext}", image), tar_member(f"{key}.txt", caption)]
     if meta is None:

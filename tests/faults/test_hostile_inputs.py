@@ -27,7 +27,7 @@ class Exploit:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, dask_address):
     """Good data, a checkpoint, embeddings and a finished train run, built once."""
     from mmsanitize.embed import embed
     from mmsanitize.models import load_model, save_checkpoint
@@ -40,10 +40,10 @@ def world(tmp_path_factory):
     ckpt = root / "ckpt"
     save_checkpoint(load_model("tiny"), ckpt, spec={})
     emb = root / "emb"
-    embed(data, model="tiny", out=emb, workers=1)
+    embed(data, model="tiny", out=emb, scheduler=dask_address)
     emb_other = root / "emb_other"
-    embed(other, model="tiny", out=emb_other, workers=1)
-    return {"root": root, "data": data, "other": other, "ckpt": ckpt, "emb": emb, "emb_other": emb_other}
+    embed(other, model="tiny", out=emb_other, scheduler=dask_address)
+    return {"sched": dask_address, "root": root, "data": data, "other": other, "ckpt": ckpt, "emb": emb, "emb_other": emb_other}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,27 +85,27 @@ CASES = {
     # name: (verb, builder(world, tmp_path, flag) -> argv)
     "model.json not UTF-8": ("evaluate", lambda w, t, f: ["evaluate", _ckpt_with_card(w, t, b"\xff\xfe{"), "--test", w["data"]]),
     "model.json a list": ("evaluate", lambda w, t, f: ["evaluate", _ckpt_with_card(w, t, b"[1, 2]"), "--test", w["data"]]),
-    "model.json base not a string": ("embed", lambda w, t, f: ["embed", w["data"], "--model", _ckpt_with_card(w, t, b'{"base": 5}'), "--out", t / "o", "--workers", "1"]),
+    "model.json base not a string": ("embed", lambda w, t, f: ["embed", w["data"], "--model", _ckpt_with_card(w, t, b'{"base": 5}'), "--out", t / "o", "--scheduler", w["sched"]]),
     "model.json config not an object": ("evaluate", lambda w, t, f: ["evaluate", _ckpt_with_card(w, t, b'{"base": "tiny", "config": "x"}'), "--test", w["data"]]),
     "extension-less pickle as open_clip checkpoint": ("evaluate", lambda w, t, f: (
         (t / "ckpt").write_bytes(pickle.dumps(Exploit(str(f)))), ["evaluate", f"open_clip:RN50/{t / 'ckpt'}", "--test", w["data"]])[1]),
     "pickled train_state.pt with --resume": ("train", lambda w, t, f: ["train", w["data"], "--model", "tiny", "--epochs", "2", "--batch-size", "4", "--workers", "0", "--resume", "--out", _pickled_state(w, t, f)]),
-    "object .npy as --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, _object_npy), "--threshold", "0.1", "--out", t / "o", "--workers", "1"]),
-    "junk model.json in --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, lambda d: (d / "model.json").write_bytes(b"\x00junk")), "--threshold", "0.1", "--out", t / "o", "--workers", "1"]),
-    "--embeddings of another dataset": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", w["emb_other"], "--threshold", "0.1", "--out", t / "o", "--workers", "1"]),
+    "object .npy as --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, _object_npy), "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),
+    "junk model.json in --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, lambda d: (d / "model.json").write_bytes(b"\x00junk")), "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),
+    "--embeddings of another dataset": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", w["emb_other"], "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),
     "junk --manifest": ("evaluate", lambda w, t, f: ((t / "m.parquet").write_bytes(b"PAR1junk"), ["evaluate", "tiny", "--test", w["data"], "--manifest", t / "m.parquet"])[1]),
-    "--seed -1 (poison)": ("poison", lambda w, t, f: ["poison", w["data"], "--attack", "single-label", "--goal", "dog2boat", "--seed", "-1", "--out", t / "o", "--workers", "1"]),
+    "--seed -1 (poison)": ("poison", lambda w, t, f: ["poison", w["data"], "--attack", "single-label", "--goal", "dog2boat", "--seed", "-1", "--out", t / "o", "--scheduler", w["sched"]]),
     "--seed -1 (train)": ("train", lambda w, t, f: ["train", w["data"], "--seed", "-1", "--out", t / "o"]),
     "--seed -1 (evaluate)": ("evaluate", lambda w, t, f: ["evaluate", "tiny", "--test", w["data"], "--seed", "-1"]),
     "--scheduler not-an-address": ("catalog", lambda w, t, f: ["catalog", w["data"], "--scheduler", "not-an-address"]),
     "train --out FILE": ("train", lambda w, t, f: ((t / "file").write_text("x"), ["train", w["data"], "--out", t / "file"])[1]),
     "evaluate --out DIR": ("evaluate", lambda w, t, f: ((t / "d").mkdir(), ["evaluate", "tiny", "--test", w["data"], "--out", t / "d"])[1]),
     # ownership: an --out that the verb does not own is refused before any work
-    "poison --out unrelated dataset": ("poison", lambda w, t, f: ["poison", w["data"], "--attack", "single-label", "--goal", "dog2boat", "--out", _unrelated(w, t), "--workers", "1"]),
-    "sanitize --out non-empty folder": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t), "--out", _nonempty(t), "--workers", "1"]),
-    "embed --out another verb's output": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", _scan(w, t), "--workers", "1"]),
-    "embed --out inside the input": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", w["data"] / "emb", "--workers", "1"]),
-    "sanitize --scan of another dataset": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t, w["other"], "00000.tar"), "--out", t / "o", "--workers", "1"]),
+    "poison --out unrelated dataset": ("poison", lambda w, t, f: ["poison", w["data"], "--attack", "single-label", "--goal", "dog2boat", "--out", _unrelated(w, t), "--scheduler", w["sched"]]),
+    "sanitize --out non-empty folder": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t), "--out", _nonempty(t), "--scheduler", w["sched"]]),
+    "embed --out another verb's output": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", _scan(w, t), "--scheduler", w["sched"]]),
+    "embed --out inside the input": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", w["data"] / "emb", "--scheduler", w["sched"]]),
+    "sanitize --scan of another dataset": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t, w["other"], "00000.tar"), "--out", t / "o", "--scheduler", w["sched"]]),
 }
 
 
@@ -132,7 +132,7 @@ def _scan(w, t, data=None, swap=None):
         shutil.copytree(w["data"], mixed)
         shutil.copy(data / swap, mixed / swap)
         data = mixed
-    rc = run_cli(["scan", data or w["data"], "--model", "tiny", "--threshold", "0.1", "--out", out, "--workers", "1"])
+    rc = run_cli(["scan", data or w["data"], "--model", "tiny", "--threshold", "0.1", "--out", out, "--scheduler", w["sched"]])
     assert rc.outcome == "ok", rc.stderr
     return out
 
