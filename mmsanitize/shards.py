@@ -149,9 +149,10 @@ def _octal(field_bytes: bytes, what: str = "number") -> int:
     text = _nts(field_bytes).strip(b" \0")
     if not text:
         return 0
-    if not re.fullmatch(rb"[0-7]+", text):
-        raise ValueError(f"bad octal {what} field {bytes(text[:16])!r}")
-    return int(text, 8)
+    try:
+        return int(text, 8)  # a sign or junk: negative sizes are refused by the caller
+    except ValueError:
+        raise ValueError(f"bad octal {what} field {bytes(text[:16])!r}") from None
 
 
 _PAX_MAX_RECORDS = 10_000
