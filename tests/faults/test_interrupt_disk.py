@@ -4,6 +4,7 @@ space completes with the same bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,25 +77,27 @@ def data(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("verb", ["poison", "embed", "scan", "sanitize"])
-def test_sigkill_then_rerun_is_byte_identical(verb, data, tmp_path):
+def test_sigkill_then_rerun_is_byte_identical(verb, data, tmp_path, monkeypatch, dask_address):
+    """The killed run is a real process (local cluster, process group SIGKILLed once 2 shards are
+    done); the reference and the rerun run in-process on the shared cluster (same code, faster)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache"), "MMSANITIZE_PROGRESS": "0"}
     scan = _scan(tmp_path / "scan", data)
     before = tree_digest(data)
     ref, out = tmp_path / "ref", tmp_path / "out"
-    cmd = [sys.executable, "-m", "mmsanitize"]
-    subprocess.run(cmd + [str(a) for a in _argv(verb, data, ref, scan)], env=env, check=True,
-                   capture_output=True, timeout=600)
-    proc = subprocess.Popen(cmd + [str(a) for a in _argv(verb, data, out, scan)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sched = ["--scheduler", dask_address]
+    first = run_cli(_argv(verb, data, ref, scan)[:-2] + sched)
+    assert first.outcome == "ok", first.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "mmsanitize", *map(str, _argv(verb, data, out, scan))], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and len(list(out.glob(DONE[verb]))) < 2:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(list(out.glob(DONE[verb])))
-    rerun = subprocess.run(cmd + [str(a) for a in _argv(verb, data, out, scan)], env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = run_cli(_argv(verb, data, out, scan)[:-2] + sched)
+    assert rerun.outcome == "ok", rerun.stderr
     a, b = _outputs(ref), _outputs(out)
     same = a == b
     MATRIX.add(f"SIGKILL after {done_at_kill} of 8 shards, rerun", verb,
@@ -166,3 +169,47 @@ def test_full_disk_is_one_line_and_leaves_no_temp_files(verb, data, tiny_disk, t
         fresh = run_cli([ref if a == out else a for a in argv])
         assert again.outcome == fresh.outcome == "ok", again.stderr + fresh.stderr
         assert tree_digest(out) == tree_digest(ref)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow
+def test_killed_train_leaves_no_dataloader_workers(tmp_path):
+    """SIGKILL of `train` (its main process only): the DataLoader worker processes exit too."""
+    d = tmp_path / "data"
+    make_dataset(d, n_shards=4, per_shard=40, classes=["dog", "boat"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache"), "MMSANITIZE_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "mmsanitize", "train", str(d), "--model", "tiny", "--epochs", "50",
+                             "--batch-size", "8", "--workers", "2", "--out", str(tmp_path / "out")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_children(proc.pid)) < 2:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "the DataLoader workers never started"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30
+        alive = workers
+        while time.monotonic() < deadline and alive:
+            time.sleep(0.2)
+            alive = [w for w in workers if Path(f"/proc/{w}").exists()
+                     and "Z" not in (Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[:1] or ["Z"])]
+        MATRIX.add("SIGKILL of train's main process", "train",
+                   _result("ok" if not alive else "orphans", []))
+        assert not alive, f"orphaned DataLoader workers: {alive}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
