@@ -356,7 +356,11 @@ def read_weights(path: str | os.PathLike) -> dict:
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file
             raise UsageError(f"cannot read safetensors checkpoint {p}: {e}") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        import warnings
+
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError and friends
         raise UsageError(f"refusing checkpoint {p}: it is not a plain tensor file (it would need to run "
                          f"code to load: {str(e).splitlines()[0][:200]}); convert it to safetensors") from None

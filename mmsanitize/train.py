@@ -318,7 +318,11 @@ def train(
     source = init or model
     if resume and state_path.is_file():
         try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            import warnings
+
+            with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it
+                warnings.simplefilter("ignore")
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
             int(state["epoch"]), int(state["step"])
         except Exception as e:  # noqa: BLE001 - a pickle needing code, junk bytes, wrong content
             raise UsageError(f"cannot --resume from {state_path}: not a plain train state "

@@ -1,6 +1,7 @@
 """Run one CLI verb in-process as a hostile user would and classify what happened.
 
-Outcome of a run: `ok` (exit 0), `error` (exit 2, exactly one escaped `error:` line), or a
+Outcome of a run: `ok` (exit 0), `error` (exit 2, exactly one escaped `error:` line; warnings a
+terminal would show count as lines), or a
 failure: `hang` (no end within the limit), `traceback`, `internal` (exit 3), `noisy` (more than
 one line), `wrong-exit`. `data lost` counts runs that changed a file outside their --out.
 """
@@ -12,6 +13,7 @@ import hashlib
 import io
 import os
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +56,11 @@ def run_cli(argv: list[str], *, watch: Path | None = None, outs: tuple = (), lim
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, limit)
     code: int | None = 0
+    caught: list = []
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # what a user's terminal would show, once per place
             main([str(a) for a in argv])
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -69,7 +74,9 @@ def run_cli(argv: list[str], *, watch: Path | None = None, outs: tuple = (), lim
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    text = err.getvalue()
+    shown = [w for w in caught if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    text = err.getvalue() + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                                    for w in shown)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if code is None:
         outcome = "hang"
