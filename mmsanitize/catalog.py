@@ -2,9 +2,9 @@
 
 Columns: key, shard, position, caption, label, sha256 (of the stored image bytes), width, height,
 bytes (image size), image_ext, url and source_sha256 (img2dataset's json `url` and `sha256`, the
-hash of the bytes originally downloaded, before resizing; None when absent). Per-shard parts live in a cache folder (`_catalog/` beside the
-shards when writable, else under `~/.cache/mmsanitize/`), each with a stats file holding the
-shard's fingerprint, so a rerun rebuilds only shards that changed or were never finished.
+hash of the bytes originally downloaded, before resizing; None when absent). Per-shard parts live
+in a cache folder under `XDG_CACHE_HOME` (never beside the shards), each with a stats file holding
+the shard's content fingerprint, so a rerun rebuilds only shards that changed or were never finished.
 Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
 """
 
@@ -36,13 +36,11 @@ class CatalogTask:
 
 
 def catalog_dir(shard_paths: list[Path]) -> Path:
-    """Where a dataset's catalog parts live: `<shard folder>/_catalog`, or a user cache if read-only."""
+    """Where a dataset's catalog parts live: `$XDG_CACHE_HOME/mmsanitize/catalogs/<hash of the folder>`
+    (default `~/.cache`). Never beside the shards: inputs are read-only to mmsanitize."""
     root = shard_paths[0].parent.resolve()
-    local = root / "_catalog"
-    if os.access(root, os.W_OK) or local.exists() and os.access(local, os.W_OK):
-        return local
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "mmsanitize" / "catalogs" / digest
 
 

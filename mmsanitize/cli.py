@@ -576,7 +576,9 @@ def sanitize(shards, scan_dir, verify_dir, drop, out, scheduler, workers):
     s = run(shards, scan=scan_dir, verify=verify_dir, drop=tuple(d.strip() for d in drop.split(",") if d.strip()),
             out=out, scheduler=scheduler, workers=workers)
     by_verify = f" ({s['removed_by_verify']:,} by verify)" if "removed_by_verify" in s else ""
-    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs{by_verify} in {s['shards']} shard(s) -> {out}")
+    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs{by_verify} in {s['shards']} shard(s) -> {out}"
+               + (f"; dropped {s['invalid']:,} invalid sample(s) (undecodable image or no caption)"
+                  if s.get("invalid") else ""))
 
 
 @cli.command()
@@ -606,13 +608,25 @@ def verify(shards, out, concurrency, timeout, retries, overwrite, scheduler, wor
                    f"mmsanitize sanitize {shards} --verify {out} --drop changed --out CLEAN")
 
 
+EXIT_USAGE = 2  # bad input or request: MmsanitizeError, click usage errors
+EXIT_INTERNAL = 3  # a bug: one line + the path of a log file holding the traceback
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the click group, turning MmsanitizeError into one line + exit 2."""
+    """Console entry point: every failure ends as one line on stderr.
+
+    MmsanitizeError (and a full disk) -> `error: ...`, exit 2; an unexpected exception ->
+    `internal error: ... (traceback in LOG)`, exit 3. Control characters are escaped.
+    """
+    import errno as errno_
+
+    from .errors import escape, log_traceback
+
     try:
         cli.main(args=argv, prog_name="mmsanitize", standalone_mode=False)
     except MmsanitizeError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        click.echo(f"error: {escape(e)}", err=True)
+        sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -622,3 +636,23 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        if e.errno in (errno_.ENOSPC, errno_.EDQUOT, errno_.EIO, errno_.EROFS):
+            from .engine import disk_error
+
+            click.echo(f"error: {escape(disk_error(e))}", err=True)
+            sys.exit(EXIT_USAGE)
+        _internal(e, log_traceback)
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback goes to a log file
+        _internal(e, log_traceback)
+
+
+def _internal(e: BaseException, log_traceback) -> None:
+    import traceback
+
+    from .errors import escape
+
+    path = log_traceback("".join(traceback.format_exception(e)))
+    first = escape(str(e).splitlines()[0] if str(e) else "")[:300]
+    click.echo(f"internal error: {type(e).__name__}: {first} (traceback in {path})", err=True)
+    sys.exit(EXIT_INTERNAL)

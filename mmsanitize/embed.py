@@ -23,7 +23,7 @@ import numpy as np
 
 from .engine import ShardProgress, map_shards
 from .errors import ShardError, UsageError
-from .shards import (expand_shards, file_fingerprint, iter_samples, json_bytes, read_stats, shard_stem,
+from .shards import (atomic_path, expand_shards, file_fingerprint, iter_samples, json_bytes, read_stats, shard_stem,
                      write_json_atomic, write_parquet_atomic)
 
 EMBED_VERSION = 1
@@ -152,11 +152,8 @@ def _write_shard(task: EmbedTask, out: Path, img: np.ndarray, txt: np.ndarray, r
     import pandas as pd
 
     for sub, arr in (("img_emb", img), ("text_emb", txt)):
-        path = out / sub / f"{sub}_{task.name}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(out / sub / f"{sub}_{task.name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
     write_parquet_atomic(pd.DataFrame(rows, columns=["key", "caption", "row", "shard"]),
                          out / "metadata" / f"metadata_{task.name}.parquet")
     stats = {"count": len(rows), "input": file_fingerprint(task.path), "model": task.model_hash,
@@ -199,6 +196,9 @@ def embed(
     card = get_model(model).card()
     mhash = model_hash(card)
     out = Path(out)
+    from .outputs import claim_out
+
+    claim_out(out, "embed", paths, overwrite=overwrite)
     card_path = out / "model.json"
     if card_path.exists() and not overwrite:
         old = json.loads(card_path.read_text())
@@ -228,7 +228,9 @@ def load_embeddings(emb_dir: str | os.PathLike, names: list[str] | None = None) 
     card_path = emb_dir / "model.json"
     if not card_path.exists():
         raise UsageError(f"{emb_dir} is not an embeddings folder (no model.json)")
-    card = json.loads(card_path.read_text())
+    from .models import read_card
+
+    card = read_card(card_path, need_base=False)
     if names is None:
         names = sorted(p.stem[len("metadata_"):] for p in (emb_dir / "metadata").glob("metadata_*.parquet"))
     imgs, txts, metas = [], [], []
@@ -238,7 +240,13 @@ def load_embeddings(emb_dir: str | os.PathLike, names: list[str] | None = None) 
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise ShardError(f"{n}.tar", f"no embeddings in {emb_dir} (missing {missing[0]})")
-        i, t, m = np.load(files[0]), np.load(files[1]), pd.read_parquet(files[2])
+        try:
+            i, t, m = np.load(files[0]), np.load(files[1]), pd.read_parquet(files[2])
+            if i.dtype.kind != "f" or t.dtype.kind != "f" or i.ndim != 2 or t.ndim != 2:
+                raise ValueError(f"arrays of {i.dtype}{i.shape} and {t.dtype}{t.shape}, not float matrices")
+        except Exception as e:  # noqa: BLE001 - object arrays (pickles), junk bytes, bad parquet
+            raise ShardError(f"{n}.tar", f"unreadable embeddings in {emb_dir} ({type(e).__name__}: "
+                                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
         if not (len(i) == len(t) == len(m)):
             raise ShardError(f"{n}.tar", f"embedding files disagree: {len(i)} image rows, {len(t)} text rows, "
                                          f"{len(m)} metadata rows")

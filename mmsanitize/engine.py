@@ -8,6 +8,7 @@ skip finished shards. A cluster is started only when some task is not done.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -15,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from .errors import MmsanitizeError
+from .errors import MmsanitizeError, escape
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 class EngineError(MmsanitizeError):
@@ -23,7 +26,7 @@ class EngineError(MmsanitizeError):
 
     def __init__(self, failures: dict[str, str], total: int):
         self.failures = failures
-        first = next(iter(failures.values()))
+        first = escape(next(iter(failures.values())))
         more = f" (and {len(failures) - 1} more: {', '.join(list(failures)[1:6])})" if len(failures) > 1 else ""
         super().__init__(f"{len(failures)} of {total} shard(s) failed: {first}{more}")
 
@@ -55,8 +58,8 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
-        except OSError as e:
-            raise MmsanitizeError(f"cannot reach Dask scheduler {scheduler}: {e}") from None
+        except (OSError, ValueError, TypeError) as e:
+            raise MmsanitizeError(f"cannot reach Dask scheduler {escape(scheduler)}: {escape(e)}") from None
         try:
             yield client
         finally:
@@ -105,6 +108,52 @@ class ShardProgress:
         if now - self.last >= self.every and self.pending:
             self.worker.log_event(PROGRESS_TOPIC, {"task": self.name, "n": self.pending})
             self.pending, self.last = 0, now
+
+
+def disk_error(e: OSError, what: str = "") -> MmsanitizeError | None:
+    """A one-line MmsanitizeError for a full/failing disk (ENOSPC, EDQUOT, EIO, EROFS), else None."""
+    if e.errno not in DISK_ERRNOS:
+        return None
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else (f" ({what})" if what else "")
+    hint = "free space and rerun" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk and rerun"
+    return MmsanitizeError(f"{os.strerror(e.errno).lower()}{where}; {hint} (finished shards are kept)")
+
+
+@dataclass
+class TaskFailure:
+    """What a task returns instead of raising (so Dask logs nothing): the one-line error, and for
+    unexpected exceptions the formatted traceback."""
+
+    message: str
+    traceback: str | None = None
+
+
+def run_task(fn: Callable[[Any], Any], task: Any) -> Any:
+    """Worker side of `map_shards`: the task's result, or a TaskFailure for any exception.
+
+    The project's errors (bad data, full disk) are deterministic, so they are returned rather than
+    raised: Dask neither retries them nor prints `distributed.worker - ERROR` logs. Retries stay
+    for what Dask itself sees fail (a killed worker).
+    """
+    import traceback
+
+    try:
+        return fn(task)
+    except MmsanitizeError as e:
+        return TaskFailure(str(e))
+    except OSError as e:
+        err = disk_error(e)
+        if err is not None:
+            return TaskFailure(f"shard {task.name}: {err}")
+        return TaskFailure(f"shard {task.name}: {type(e).__name__}: {e}", traceback.format_exc())
+    except Exception as e:  # noqa: BLE001 - an internal error: one line + traceback for the log file
+        return TaskFailure(f"shard {task.name}: internal error {type(e).__name__}: {e}", traceback.format_exc())
+
+
+def task_timeout() -> float | None:
+    """The per-task watchdog in seconds (`MMSANITIZE_TASK_TIMEOUT`, default 6 h; 0 = off)."""
+    value = float(os.environ.get("MMSANITIZE_TASK_TIMEOUT", 6 * 3600))
+    return value if value > 0 else None
 
 
 class Progress:
@@ -208,28 +257,59 @@ def map_shards(
         progress.attach(client, [t.name for t in pending])
         futures = {}
         for task in pending:
-            fut = client.submit(fn, task, key=f"{desc}-{task.name}-{os.getpid()}-{time.time_ns()}",
+            fut = client.submit(run_task, fn, task, key=f"{desc}-{task.name}-{os.getpid()}-{time.time_ns()}",
                                 retries=retries, pure=False)
             futures[fut] = task
+        limit = task_timeout()
+        deadline = None if limit is None else time.monotonic() + limit * max(1, -(-len(pending) // _slots(client)))
+        traces: dict[str, str] = {}
         try:
-            for fut in as_completed(futures):
-                task = futures[fut]
-                try:
-                    res = fut.result()
-                except MmsanitizeError as e:
-                    failures[task.name] = str(e)
-                    progress.bar.update(1)
+            ac = as_completed(futures)
+            while not ac.is_empty():
+                batch = ac.next_batch(block=False)
+                if not batch and deadline is not None and time.monotonic() > deadline:
+                    for fut, task in futures.items():
+                        if not fut.done():
+                            failures[task.name] = (f"shard {task.name}: watchdog: no result within {limit:.0f} s "
+                                                   "per task (MMSANITIZE_TASK_TIMEOUT); task cancelled")
+                            fut.cancel()
+                    break
+                if not batch:
+                    time.sleep(0.02)
                     continue
-                except Exception as e:  # unexpected worker failure: still one line per shard
-                    failures[task.name] = f"shard {task.name}: {type(e).__name__}: {e}"
-                    progress.bar.update(1)
-                    continue
-                results[task.name] = res
-                progress.update(res, task.name)
+                for fut in batch:
+                    task = futures[fut]
+                    try:
+                        res = fut.result()
+                    except MmsanitizeError as e:
+                        res = TaskFailure(str(e))
+                    except Exception as e:  # noqa: BLE001 - e.g. KilledWorker after retries: one line per shard
+                        res = TaskFailure(f"shard {task.name}: {type(e).__name__}: {e}")
+                    if isinstance(res, TaskFailure):
+                        failures[task.name] = res.message
+                        if res.traceback:
+                            traces[task.name] = res.traceback
+                        progress.bar.update(1)
+                        continue
+                    results[task.name] = res
+                    progress.update(res, task.name)
         finally:
             progress.close()
             for fut in futures:
                 fut.release()
+    if traces:
+        from .errors import log_traceback
+
+        path = log_traceback("".join(f"shard {k}:\n{v}\n" for k, v in traces.items()))
+        failures = {k: f"{v} (traceback in {path})" if k in traces else v for k, v in failures.items()}
     if failures:
         raise EngineError(failures, len(tasks))
     return RunResult(results, skipped, time.monotonic() - t0)
+
+
+
+def _slots(client: Any) -> int:
+    try:
+        return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+    except Exception:  # noqa: BLE001 - only sizes the watchdog
+        return 1

@@ -393,7 +393,13 @@ def evaluate(checkpoint: str, *, test, manifest: str | None = None, out: str | o
              device: str = "cpu", workers: int = 0, seed: int = 0) -> dict:
     """Load `checkpoint` (dir or model spec), evaluate on `test` shards, write `out` (metrics.json) if given."""
     from .models import load_model
+    from .outputs import check_out_file, check_parquet, check_seed
 
+    check_seed(seed)
+    if out:
+        check_out_file(out)
+    if manifest:
+        check_parquet(manifest, "--manifest", ("key", "goal"))
     model = load_model(checkpoint, device=device)
     result = evaluate_model(model, test=test, manifest=manifest, workers=workers, seed=seed)
     result["checkpoint"] = str(checkpoint)

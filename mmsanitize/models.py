@@ -26,6 +26,21 @@ from .errors import UsageError
 from .shards import write_json_atomic
 
 OFFLINE_NAME = "offline-b0-minilm"
+# Captions are capped before tokenization (BPE cost grows super-linearly with a word's length: a
+# 1 MB one-word caption would hang a worker). Both caps lie far past the 77 (CLIP) / 128 (MiniLM)
+# tokens the text towers read, so ordinary captions tokenize exactly as before.
+MAX_CAPTION_CHARS = 1024
+MAX_WORD_CHARS = 64
+
+
+def cap_caption(text: str) -> str:
+    """`text` cut to MAX_CAPTION_CHARS characters, each whitespace-separated word to MAX_WORD_CHARS."""
+    text = str(text)[:MAX_CAPTION_CHARS]
+    if len(text) <= MAX_WORD_CHARS or max(map(len, text.split()), default=0) <= MAX_WORD_CHARS:
+        return text
+    import re
+
+    return re.sub(r"\S{%d,}" % (MAX_WORD_CHARS + 1), lambda m: m.group(0)[:MAX_WORD_CHARS], text)
 TINY_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -121,7 +136,7 @@ def _build_encoder_class():
             return (self._train_tf if train else self._val_tf)(img.convert("RGB"))
 
         def tokenize(self, captions):
-            return self._tokenizer(list(captions))
+            return self._tokenizer([cap_caption(c) for c in captions])
 
         def tower_prefixes(self, tower):
             return tuple("model." + p for p in super().tower_prefixes(tower))
@@ -200,7 +215,7 @@ def _build_encoder_class():
             return (self._train_tf if train else self._tf)(img.convert("RGB"))
 
         def tokenize(self, captions):
-            return dict(self._tokenizer(list(captions), padding="max_length", truncation=True,
+            return dict(self._tokenizer([cap_caption(c) for c in captions], padding="max_length", truncation=True,
                                         max_length=self.config["max_tokens"], return_tensors="pt"))
 
         def projection_names(self):
@@ -238,7 +253,8 @@ def _open_clip_model(name: str, pretrained: str | None, device: str, *, load_wei
     import open_clip
 
     _, OpenClipEncoder, _ = _classes()
-    local = pretrained and (os.sep in pretrained or Path(pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors"))
+    local = pretrained and (os.sep in pretrained or Path(pretrained).is_file()
+                            or Path(pretrained).suffix in (".pt", ".bin", ".pth", ".safetensors"))
     if local and not Path(pretrained).is_file():
         raise UsageError(f"pretrained checkpoint {pretrained} does not exist")
     state = read_weights(pretrained) if local else None  # refuse bad files before building anything
@@ -340,7 +356,11 @@ def read_weights(path: str | os.PathLike) -> dict:
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad user file
             raise UsageError(f"cannot read safetensors checkpoint {p}: {e}") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        import warnings
+
+        with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError and friends
         raise UsageError(f"refusing checkpoint {p}: it is not a plain tensor file (it would need to run "
                          f"code to load: {str(e).splitlines()[0][:200]}); convert it to safetensors") from None
@@ -362,15 +382,34 @@ def _load_state(module, state: dict, where, *, strict: bool = True) -> None:
                          f"(e.g. {(missing or unexpected)[0]})")
 
 
+def read_card(card_path: str | os.PathLike, need_base: bool = True) -> dict:
+    """A `model.json` as a dict, checked: UTF-8 JSON object, `base` a string (when `need_base`),
+    `config` an object, `name` a string. Raises UsageError naming the file otherwise."""
+    from .errors import escape
+
+    try:
+        card = json.loads(Path(card_path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UsageError(f"{card_path} is not a valid model card ({escape(type(e).__name__)}: "
+                         f"{escape(str(e))[:200]})") from None
+    if not isinstance(card, dict):
+        raise UsageError(f"{card_path} is not a valid model card (a JSON {type(card).__name__}, not an object)")
+    checks = [("config", (dict, type(None))), ("name", (str, type(None))), ("partial", (bool, type(None)))]
+    if need_base:
+        checks.insert(0, ("base", (str,)))
+    for field, types in checks:
+        if not isinstance(card.get(field), types):
+            raise UsageError(f"{card_path} is not a valid model card (field {field!r} is "
+                             f"{type(card.get(field)).__name__})")
+    return card
+
+
 def _load_checkpoint_dir(path: Path, device: str):
     card_path, weights = path / "model.json", path / "model.safetensors"
     if not card_path.is_file() or not weights.is_file():
         raise UsageError(f"{path} is not a checkpoint directory (needs model.json and model.safetensors)")
-    try:
-        card = json.loads(card_path.read_text())
-        base = card["base"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise UsageError(f"{card_path} is not a valid model card ({e})") from None
+    card = read_card(card_path)
+    base = card["base"]
     if Path(base).is_dir():
         raise UsageError(f"{card_path}: base must be a model spec, not a directory")
     options = dict(card.get("config") or {})
@@ -399,9 +438,18 @@ def save_checkpoint(model, out_dir: str | os.PathLike, *, spec: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.saved_state_dict().items()}
     partial = len(state) < len(model.state_dict())
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    from .shards import atomic_path
+
+    with atomic_path(out / "model.safetensors") as tmp:
+        try:
+            save_file(state, str(tmp))
+        except Exception as e:  # safetensors wraps I/O errors (a full disk) in its own type
+            import re
+
+            m = re.search(r"os error (\d+)", str(e))
+            if m is None:
+                raise
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(out / "model.safetensors")) from None
     model.checkpoint_sha256 = checkpoint_hash(out / "model.safetensors")
     model.training_spec = spec
     card = model.card()

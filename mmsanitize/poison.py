@@ -444,6 +444,11 @@ def poison_dataset(
     names = [shard_stem(p) for p in paths]
     out_dir = Path(out)
     _check_out(out_dir, in_root, {p.name for p in paths})
+    from .outputs import check_seed, claim_out, input_bytes, mark_out
+
+    check_seed(seed)
+    claim_out(out_dir, "poison", paths, overwrite=overwrite, need_bytes=input_bytes(paths) * 11 // 10,
+              mark=False, scratch=(POOL_WORK,))
     if images_from is not None:
         from .attacks.pool import pool_roots
 
@@ -508,6 +513,7 @@ def poison_dataset(
                 outputs_done(out_dir, t.name, input=file_fingerprint(t.src), spec=t.spec_hash) for t in tasks):
             _remove_pool_work(out_dir, False)
             return prev
+    mark_out(out_dir, "poison", paths)
     for stale in ("poison.json", "manifest.parquet", "sizes.json"):
         (out_dir / stale).unlink(missing_ok=True)
     results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import map_shards
-from .errors import UsageError
-from .shards import (expand_shards, file_fingerprint, outputs_done, rewrite_shard, shard_stem,
+from .errors import ShardError, UsageError
+from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, outputs_done, parse_sample,
+                     rewrite_shard, shard_stem,
                      write_json_atomic, write_parquet_atomic, write_sizes)
 
 
@@ -33,10 +34,27 @@ def _drop_hash(keys) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
+def invalid_samples(path: str) -> dict[str, str]:
+    """Keys of a shard's samples that are not usable pairs (no or undecodable image, no/empty/non-UTF-8
+    caption, bad json) -> reason. A structurally broken tar still raises ShardError."""
+    shard = Path(path).name
+    bad = {}
+    for raw in iter_raw_samples(path):
+        try:
+            s = parse_sample(raw, shard)
+            image_size(s.image, shard, s.key)
+        except ShardError as e:
+            bad[raw.key] = e.reason
+    return bad
+
+
 def sanitize_shard(task: SanitizeTask) -> dict:
-    """Dask task: write the cleaned shard; returns its stats (count = samples kept)."""
-    extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash}
-    return rewrite_shard(task.path, task.out, task.name, drop=task.drop, stats_extra=extra)
+    """Dask task: write the cleaned shard (flagged and invalid samples dropped); returns its stats
+    (count = samples kept, invalid = samples dropped because they are not usable pairs)."""
+    invalid = {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
+    extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash,
+             "invalid": len(invalid)}
+    return rewrite_shard(task.path, task.out, task.name, drop=(*task.drop, *invalid), stats_extra=extra)
 
 
 def _done(task: SanitizeTask):
@@ -79,7 +97,13 @@ def sanitize(
         if not scores_path.exists():
             raise UsageError(f"{scan} is not a scan folder (no scores.parquet; `mmsanitize scan SHARDS --model REF "
                              f"--threshold auto --out {scan}` creates it)")
-        scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+        from .outputs import check_artifact
+
+        check_artifact(scan, "scan", paths, "--scan")
+        try:
+            scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+        except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
+            raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
         scanned = set(scores["shard"])
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
         if missing:
@@ -93,7 +117,9 @@ def sanitize(
     for shard, keys in by_shard.items():
         if len(keys) == totals.get(shard):
             raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
-    out.mkdir(parents=True, exist_ok=True)
+    from .outputs import claim_out, input_bytes
+
+    claim_out(out, "sanitize", paths, need_bytes=input_bytes(paths) * 11 // 10)
     tasks = []
     for n, p in names.items():
         drop = by_shard.get(f"{n}.tar", ())
@@ -104,8 +130,9 @@ def sanitize(
     removed = flagged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
     write_parquet_atomic(removed[["key", "shard", "combined", "reason"]], out / "removed.parquet")
     kept = sum(int(r["count"]) for r in res.results.values())
-    summary = {"kept": kept, "removed": int(len(removed)), "shards": len(tasks), "skipped": res.skipped,
-               "seconds": res.seconds, "scan": None if scan is None else str(scan)}
+    invalid = sum(int(r.get("invalid", 0)) for r in res.results.values())
+    summary = {"kept": kept, "removed": int(len(removed)), "invalid": invalid, "shards": len(tasks),
+               "skipped": res.skipped, "seconds": res.seconds, "scan": None if scan is None else str(scan)}
     if verify is not None:
         summary.update(verify=str(verify), verify_drop=list(drop),
                        removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))

@@ -347,7 +347,12 @@ def scan(
     paths = expand_shards(shards)
     names = [shard_stem(p) for p in paths]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .outputs import check_embeddings, check_seed, claim_out
+
+    check_seed(seed)
+    if embeddings is not None:
+        check_embeddings(embeddings, paths)
+    claim_out(out, "scan", paths, overwrite=overwrite)
 
     if embeddings is None:
         if model is None:

@@ -10,6 +10,7 @@ that every member's byte range is known: rewriters copy untouched members as raw
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -86,10 +87,35 @@ def shard_stem(path: str | os.PathLike) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
+_FINGERPRINTS: dict[tuple, dict] = {}
+
+
 def file_fingerprint(path: str | os.PathLike) -> dict:
-    """Name, size and mtime of a file: what resume compares to decide a shard is unchanged."""
-    st = os.stat(path)
-    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Name, size and sha256 of a file's content: what resume and artifact checks compare.
+
+    Content-based, so copying or touching a shard changes nothing; the hash is memoised in-process
+    by (path, size, mtime, ctime, inode), so planning and the tasks read each file at most once.
+    """
+    p = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise ShardError(Path(p).name, f"cannot read: {e.strerror}") from None
+    memo_key = (p, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    fp = _FINGERPRINTS.get(memo_key)
+    if fp is None:
+        h = hashlib.sha256()
+        try:
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:
+            raise ShardError(Path(p).name, f"cannot read: {e.strerror}") from None
+        fp = {"name": Path(p).name, "size": st.st_size, "sha256": h.hexdigest()}
+        if len(_FINGERPRINTS) > 100_000:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[memo_key] = fp
+    return dict(fp)
 
 
 # --------------------------------------------------------------------------- tar parsing
@@ -114,26 +140,45 @@ def _nts(field_bytes: bytes) -> bytes:
     return field_bytes.split(b"\0", 1)[0]
 
 
-def _octal(field_bytes: bytes) -> int:
+def _octal(field_bytes: bytes, what: str = "number") -> int:
+    """A tar numeric field: octal text, or GNU base-256 (first byte 0x80/0xff). Raises ValueError."""
     if field_bytes[:1] in (b"\x80", b"\xff"):  # GNU base-256 for large sizes
-        n = int.from_bytes(field_bytes[1:], "big")
-        return -n if field_bytes[:1] == b"\xff" else n
+        if field_bytes[:1] == b"\xff":
+            return int.from_bytes(field_bytes, "big", signed=True)
+        return int.from_bytes(field_bytes[1:], "big")
     text = _nts(field_bytes).strip(b" \0")
-    return int(text, 8) if text else 0
+    if not text:
+        return 0
+    try:
+        return int(text, 8)  # a sign or junk: negative sizes are refused by the caller
+    except ValueError:
+        raise ValueError(f"bad octal {what} field {bytes(text[:16])!r}") from None
+
+
+_PAX_MAX_RECORDS = 10_000
 
 
 def _parse_pax(data: bytes) -> dict[str, str]:
+    """Parse pax records `LEN key=value\n`; raises ValueError on a malformed record."""
     out = {}
     pos = 0
     while pos < len(data):
-        m = re.match(rb"(\d+) ", data[pos:])
-        if not m:
+        if data[pos] == 0:  # NUL padding after the last record
             break
+        m = re.match(rb"(\d{1,20}) ", data[pos:pos + 24])
+        if not m:
+            raise ValueError(f"malformed pax record at offset {pos}")
         length = int(m.group(1))
+        if length <= m.end() or pos + length > len(data) or data[pos + length - 1:pos + length] != b"\n":
+            raise ValueError(f"malformed pax record length {length} at offset {pos}")
         record = data[pos + m.end(): pos + length - 1]
-        k, _, v = record.partition(b"=")
+        k, eq, v = record.partition(b"=")
+        if not eq:
+            raise ValueError(f"pax record without '=' at offset {pos}")
         out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
         pos += length
+        if len(out) > _PAX_MAX_RECORDS:
+            raise ValueError("too many pax records")
     return out
 
 
@@ -180,63 +225,132 @@ class _PositionalReader:
 _ZERO_BLOCK = bytes(BLOCK)
 
 
+_MAGIC = {b"\x1f\x8b": "gzip-compressed", b"BZh": "bzip2-compressed", b"\xfd7zXZ": "xz-compressed",
+          b"\x28\xb5\x2f\xfd": "zstd-compressed", b"PK\x03\x04": "a zip file"}
+# Header types: regular file (0, NUL, 7), directory (5, skipped), GNU long name (L), pax (x, g).
+_TYPE_NAMES = {b"1": "a hard link", b"2": "a symbolic link", b"3": "a character device", b"4": "a block device",
+               b"6": "a fifo", b"K": "a GNU long link name"}
+
+
 def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Member, bytes | None]]:
     """Yield `(Member, data)` for each regular file of a tar stream, in order.
 
-    Rejects, as ShardError: truncated archives, bad header checksums, symlinks/hard links/devices,
-    absolute names and names with `..`. Directory entries are skipped.
+    Total: any bytes give members or ShardError (never another exception, never a loop), in time
+    and memory bounded by the file size. Rejects compressed files, truncated archives, bad header
+    checksums or numbers, negative or oversized sizes, malformed pax records, links, devices,
+    fifos, absolute names and names with `..`. Directory entries are skipped.
     `with_data` is True (read every member), False (skip data, yield None) or a predicate
     on the member name saying which members to read.
     """
+    try:
+        yield from _iter_tar(fileobj, shard, with_data)
+    except ShardError:
+        raise
+    except OSError as e:
+        raise ShardError(shard, f"cannot read: {e.strerror or e}") from None
+    except (ValueError, OverflowError, UnicodeError, IndexError, MemoryError, RecursionError) as e:
+        raise ShardError(shard, f"malformed tar ({type(e).__name__}: {e})") from None
+
+
+def _file_size(fileobj: BinaryIO) -> int | None:
+    try:
+        return os.fstat(fileobj.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        try:
+            here = fileobj.tell()
+            size = fileobj.seek(0, os.SEEK_END)
+            fileobj.seek(here)
+            return size
+        except (AttributeError, OSError):
+            return None
+
+
+def _iter_tar(fileobj: BinaryIO, shard: str, with_data) -> Iterator[tuple[Member, bytes | None]]:
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
     header_start: int | None = None
+    file_size = _file_size(fileobj)
     if with_data is True or not hasattr(fileobj, "fileno"):
         get = _ChunkReader(fileobj).get
     else:
         get = _PositionalReader(fileobj).get
+
+    def check_size(size: int, at: int, what: str) -> None:
+        if size < 0:
+            raise ShardError(shard, f"corrupt tar header at byte {at} (negative {what} size {size})")
+        if file_size is not None and at + BLOCK + size > file_size:
+            raise ShardError(shard, f"truncated tar ({what} at byte {at} declares {size} bytes, "
+                                    f"past the end of the {file_size}-byte file)")
+
     while True:
         header = get(pos, pos + BLOCK)
+        if pos == 0:
+            for magic, kind in _MAGIC.items():
+                if header.startswith(magic):
+                    raise ShardError(shard, f"not a tar archive: the file is {kind}")
         if len(header) < BLOCK:
+            if pos == 0 and not header:
+                raise ShardError(shard, "empty file (0 bytes), not a tar archive")
             raise ShardError(shard, f"truncated tar (archive ends inside a header at byte {pos})")
         if header == _ZERO_BLOCK:
+            if long_name is not None or pax:
+                raise ShardError(shard, f"truncated tar (extended header at byte {header_start} has no member)")
             return
-        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:
+        try:
+            checksum = _octal(header[148:156], "checksum")
+        except ValueError:
+            checksum = -1
+        if checksum != sum(header) - sum(header[148:156]) + 256:
             raise ShardError(shard, f"corrupt tar header at byte {pos} (checksum mismatch)")
         if header_start is None:
             header_start = pos
-        size = _octal(header[124:136])
+        try:
+            size = _octal(header[124:136], "size")
+        except ValueError as e:
+            raise ShardError(shard, f"corrupt tar header at byte {pos} ({e})") from None
         typeflag = header[156:157]
         name = header[:100].split(b"\0", 1)[0]
         if header[345] and header[257:262] == b"ustar":
             name = _nts(header[345:500]) + b"/" + name
+        check_size(size, pos, "member")
         data_offset = pos + BLOCK
-        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
-        pos = data_offset + padded
+        at = pos
+        pos = data_offset + ((size + BLOCK - 1) & ~(BLOCK - 1))
         if typeflag in (b"L", b"x", b"g"):
+            if size > (16 << 20):
+                raise ShardError(shard, f"corrupt tar header at byte {at} (extended header of {size} bytes)")
             data = get(data_offset, data_offset + size)
             if len(data) < size:
                 raise ShardError(shard, f"truncated tar (archive ends inside member data at byte {pos})")
             if typeflag == b"L":
                 long_name = _nts(data).decode("utf-8", "replace")
             elif typeflag == b"x":
-                pax = _parse_pax(data)
+                try:
+                    pax = _parse_pax(data)
+                except ValueError as e:
+                    raise ShardError(shard, f"corrupt pax header at byte {at} ({e})") from None
             continue
         full = long_name or pax.get("path") or name.decode("utf-8", "replace")
         if pax:
             if "size" in pax:
-                size = int(pax["size"])
+                text = pax["size"].strip()
+                if not re.fullmatch(r"[0-9]{1,20}", text):
+                    raise ShardError(shard, f"corrupt pax header before byte {at} (size {text[:20]!r})", key=full)
+                size = int(text)
+                check_size(size, at, "member")
                 pos = data_offset + ((size + BLOCK - 1) & ~(BLOCK - 1))
             pax = {}
         long_name = None
         start, header_start = header_start, None
-        if typeflag in (b"1", b"2"):
-            raise ShardError(shard, "tar member is a link, not a regular file", key=full)
+        if typeflag in _TYPE_NAMES:
+            raise ShardError(shard, f"tar member is {_TYPE_NAMES[typeflag]}, not a regular file", key=full)
         if typeflag == b"5":
             continue
         if typeflag not in (b"0", b"\0", b"7"):
             raise ShardError(shard, f"tar member has unsupported type {typeflag!r}", key=full)
+        if not full:
+            raise ShardError(shard, f"tar member at byte {start} has an empty name")
         if full[0] == "/" or ".." in full.split("/"):
             raise ShardError(shard, "tar member name escapes the shard directory", key=full)
         member = Member(full, start, data_offset, size)
@@ -247,6 +361,9 @@ def iter_tar(fileobj: BinaryIO, shard: str, with_data=True) -> Iterator[tuple[Me
             yield member, data
         else:
             yield member, None
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def split_name(name: str, shard: str) -> tuple[str, str]:
@@ -260,6 +377,8 @@ def split_name(name: str, shard: str) -> tuple[str, str]:
                          key=(directory + "/" if directory else "") + base.rsplit(".", 1)[0])
     if not key:
         raise ShardError(shard, "tar member has an empty key", key=name)
+    if _CONTROL_CHARS.search(key):
+        raise ShardError(shard, "key contains control characters", key=key)
     return (directory + "/" + key if directory else key), ext.lower()
 
 
@@ -419,11 +538,24 @@ def validate_key(key: str, shard: str = "<new>") -> None:
         raise ShardError(shard, "invalid key (must be non-empty, without dots, slashes or spaces)", key=key)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield `PATH.tmp` to write; it is renamed to `path` on success and removed on any failure
+    (a full disk, an exception), so no partial file is ever left under either name."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -436,11 +568,9 @@ def write_parquet_atomic(df, path: str | os.PathLike) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class ShardWriter:
@@ -488,10 +618,17 @@ class ShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._f.close()
+            with contextlib.suppress(OSError):
+                self._f.close()
             self.abort()
             return
-        self.close()
+        try:
+            self.close()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self.abort()
+            raise
 
     def abort(self) -> None:
         """Remove temporaries; nothing of this shard remains."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ShardError, UsageError
-from .shards import expand_shards, iter_samples, sha256
+from .shards import atomic_path, expand_shards, iter_samples, sha256
 
 LOCKS = (None, "image", "text", "backbones")
 _FEATURE_MEMO: dict = {}
@@ -308,12 +308,25 @@ def train(
     if (lr is not None and lr <= 0) or (head_lr is not None and head_lr <= 0):
         raise UsageError("--lr and --head-lr must be > 0")
     paths = [str(p) for p in expand_shards(shards)]
+    from .outputs import check_seed, claim_out
+
+    check_seed(seed)
+    claim_out(out, "train", paths)
     state_path = out / "train_state.pt"
     start_epoch, step = 0, 0
     history: list[dict] = []
     source = init or model
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        try:
+            import warnings
+
+            with warnings.catch_warnings():  # torch warns about a pickle's protocol before refusing it
+                warnings.simplefilter("ignore")
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
+            int(state["epoch"]), int(state["step"])
+        except Exception as e:  # noqa: BLE001 - a pickle needing code, junk bytes, wrong content
+            raise UsageError(f"cannot --resume from {state_path}: not a plain train state "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
         source = str(out)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         hist = out / "history.jsonl"
@@ -427,10 +440,9 @@ def train(
         save_checkpoint(net, out / "epochs" / f"{epoch + 1:03d}", spec={**spec, "epoch": epoch + 1})
         save_checkpoint(net, out, spec={**spec, "epoch": epoch + 1})
         _write_history(out / "history.jsonl", history)
-        tmp = out / "train_state.pt.tmp"
-        torch.save({"epoch": torch.tensor(epoch + 1), "step": torch.tensor(step), "optimizer": opt.state_dict(),
-                    "rng": torch.get_rng_state()}, tmp)
-        os.replace(tmp, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"epoch": torch.tensor(epoch + 1), "step": torch.tensor(step),
+                        "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, tmp)
         if max_steps and step >= max_steps:
             break
     return {"out": str(out), "epochs": len(history), "steps": step,
@@ -438,9 +450,8 @@ def train(
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
 
 
 def align(shards, *, out, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,

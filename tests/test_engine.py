@@ -68,10 +68,14 @@ def test_external_scheduler_and_workers_give_the_same_catalog(tmp_path, dask_add
     assert len(local) == 32 and local["key"].is_unique
 
 
-def test_catalog_resume_after_kill_equals_uninterrupted(tmp_path):
+def test_catalog_resume_after_kill_equals_uninterrupted(tmp_path, monkeypatch):
+    from mmsanitize.catalog import catalog_dir
+    from mmsanitize.shards import expand_shards
+
     data = tmp_path / "data"
     make_dataset(data, n_shards=24, per_shard=40)
-    cache = data / "_catalog"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache = catalog_dir(expand_shards(data))
     proc = subprocess.Popen([sys.executable, "-m", "mmsanitize", "catalog", str(data), "--workers", "1"],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

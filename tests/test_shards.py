@@ -198,3 +198,19 @@ def test_writer_aborts_cleanly(tmp_path):
             w.write(Sample("k1", make_image("dog", 1), "jpg", "a dog", None))
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_fingerprint_is_content_based(tmp_path):
+    import os
+
+    from mmsanitize.shards import file_fingerprint
+
+    p = tmp_path / "00000.tar"
+    p.write_bytes(b"a" * 1000)
+    first = file_fingerprint(p)
+    os.utime(p, ns=(5, 5))
+    assert file_fingerprint(p) == first  # a new mtime, same bytes
+    p.write_bytes(b"b" * 1000)
+    os.utime(p, ns=(5, 5))  # same size and mtime, other bytes: the memo must not hide the change
+    assert file_fingerprint(p) != first
+    assert set(first) == {"name", "size", "sha256"}
