@@ -144,8 +144,10 @@ def _verify_drops(verify, drop, names: dict):
     """verify.parquet's rows as scores-like flags (key, shard, combined NaN, flagged, reason)."""
     import pandas as pd
 
+    from .outputs import check_artifact
     from .verify import drop_keys
 
+    check_artifact(verify, "verify", list(names.values()), "--verify")
     rows = drop_keys(verify, tuple(drop))
     every = pd.read_parquet(Path(verify) / "verify.parquet", columns=["key", "shard"])
     missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in set(every["shard"]))

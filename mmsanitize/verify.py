@@ -152,14 +152,14 @@ def verify(
     if concurrency < 1 or timeout <= 0 or retries < 0:
         raise UsageError("--concurrency must be >= 1, --timeout > 0 and --retries >= 0")
     paths = expand_shards(shards)
-    out = Path(out)
-    if out.resolve() == paths[0].parent.resolve():
-        raise UsageError("--out must differ from the input folder")
+    from .outputs import claim_out, mark_out
+
+    out = claim_out(out, "verify", paths, overwrite=overwrite, mark=False)
     cat = build_catalog(paths, scheduler=scheduler, workers=workers)
     if cat["url"].isna().all():
         raise UsageError(f"{paths[0].parent}: no sample has a url in its json; verify needs img2dataset output "
                          "(`mmsanitize ingest URLS --out DIR` creates it)")
-    out.mkdir(parents=True, exist_ok=True)
+    mark_out(out, "verify", paths)
     tasks = []
     for p in paths:
         sub = cat[cat["shard"] == p.name]

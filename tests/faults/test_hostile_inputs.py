@@ -105,6 +105,7 @@ CASES = {
     "sanitize --out non-empty folder": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t), "--out", _nonempty(t), "--scheduler", w["sched"]]),
     "embed --out another verb's output": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", _scan(w, t), "--scheduler", w["sched"]]),
     "embed --out inside the input": ("embed", lambda w, t, f: ["embed", w["data"], "--model", "tiny", "--out", w["data"] / "emb", "--scheduler", w["sched"]]),
+    "verify --out non-empty folder": ("verify", lambda w, t, f: ["verify", w["data"], "--out", _nonempty(t), "--scheduler", w["sched"]]),
     "sanitize --scan of another dataset": ("sanitize", lambda w, t, f: ["sanitize", w["data"], "--scan", _scan(w, t, w["other"], "00000.tar"), "--out", t / "o", "--scheduler", w["sched"]]),
 }
 
