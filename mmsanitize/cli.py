@@ -132,6 +132,7 @@ def demo(out, dataset, goal, epochs, align_epochs, limit, seed, scheduler, worke
         click.echo(f"scan (combined): AUROC {det['auroc']:.3f}  precision {det['precision']:.3f}  "
                    f"recall {det['recall']:.3f}  flagged {det['flagged']}")
     click.echo(f"outputs and summary.json in {out}")
+    click.echo(f"report: {s['report']}")
 
 
 # ----------------------------------------------------------------------------- datasets / ingest

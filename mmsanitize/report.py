@@ -344,7 +344,8 @@ def rate_figure(points: dict[str, list[tuple[float, float]]], xlabel: str = "poi
 # --------------------------------------------------------------------------- the page
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
+    """A table cell: floats to 3 decimals, ints with thousands separators, None as a dash."""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "–"
     if isinstance(v, (float, np.floating)):
@@ -354,9 +355,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def markdown_table(rows: list[dict]) -> list[str]:
+    """Rows (dicts) as markdown table lines, columns in first-seen order."""
+    t = _table(rows)
+    if not t["columns"]:
+        return []
+    return ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])] + \
+        ["| " + " | ".join(r) + " |" for r in t["rows"]]
+
+
 def _table(rows: list[dict]) -> dict:
     cols = list(dict.fromkeys(c for r in rows for c in r))
-    return {"columns": cols, "rows": [[_fmt(r.get(c)) for c in cols] for r in rows]}
+    return {"columns": cols, "rows": [[format_value(r.get(c)) for c in cols] for r in rows]}
 
 
 def _threshold_lines(thr: dict) -> list[str]:
@@ -453,7 +463,7 @@ def build_report(
         url = r.url if isinstance(r.url, str) and r.url else samples.get((r.shard, r.key), {}).get("url")
         return {"key": r.key, "shard": r.shard, "caption": r.caption if isinstance(r.caption, str) else "",
                 "url": url, "thumb": thumbs.get((r.shard, r.key)), "reason": r.reason or "",
-                "scores": [(n, _fmt(float(getattr(r, n)))) for n in [*det_names, "cosine", "combined"]
+                "scores": [(n, format_value(float(getattr(r, n)))) for n in [*det_names, "cosine", "combined"]
                            if hasattr(r, n)],
                 "poisoned": bool(r.poisoned) if truth is not None else None}
 
