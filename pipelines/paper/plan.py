@@ -2,7 +2,7 @@
 the steps it needs. Every path is under WORK:
 
     WORK/data/DS/{ref,train,test}        datasets build
-    WORK/ref/DS                          align (the reference encoder, REF)
+    WORK/ref/DS                          align (the reference encoder, REF) + metrics.json
     WORK/runs/DS/clean/                  model/ + metrics.json (clean-trained baseline)
     WORK/runs/DS/NAME/                   poison/ model/ metrics.json clean_metrics.json
                                          [scan/ report.html sanitized/ sanitized_model/ sanitized_metrics.json]
@@ -84,7 +84,7 @@ class Plan:
         align = d.get("align", [])
         a = self._add(f"{ds}/align", ["align", self.data(ds, "ref"), *align, "--seed", c.seed, "--resume", "--out", self.ref(ds)],
                       done_epoch(self.ref(ds), _epochs_in(align, 10)), [build], "align")
-        self._evaluate(f"{ds}/ref_eval", ds, self.ref(ds), self.run_dir(ds, "ref") / "metrics.json", [a])
+        self._evaluate(f"{ds}/ref_eval", ds, self.ref(ds), self.ref(ds) / "metrics.json", [a])  # evaluate makes no folders
         clean = self.run_dir(ds, "clean")
         t = self._train(f"{ds}/clean/train", ds, self.data(ds, "train"), clean / "model", [a, cat])
         self._evaluate(f"{ds}/clean/eval", ds, clean / "model", clean / "metrics.json", [t])

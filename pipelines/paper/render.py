@@ -59,8 +59,8 @@ class Renderer:
         L = ["## Reference encoders and clean models", ""]
         runs, src = [], []
         for ds in self.cfg.datasets:
-            for label, folder in ((f"{ds} REF", "ref"), (f"{ds} clean-trained", "clean")):
-                path = self.p.run_dir(ds, folder) / "metrics.json"
+            for label, folder in ((f"{ds} REF", self.p.ref(ds)), (f"{ds} clean-trained", self.p.run_dir(ds, "clean"))):
+                path = folder / "metrics.json"
                 r = self.run(label, path)
                 if r:
                     runs.append(r)
@@ -79,7 +79,7 @@ class Renderer:
         head = f"### {e.dataset} Attack {e.attack} {'+'.join(e.goals)}: " + (
             f"injected at rate {e.amount:g}" if e.mode == "inject" else f"source fraction {e.amount:g}")
         if counts:
-            head += f" ({counts.get('poisoned', '?'):,} poisoned pairs of {counts.get('total', counts.get('samples', '?'))}"
+            head += f" ({counts.get('poisoned', 0):,} poisoned pairs of {counts.get('samples_out', 0):,}"
             head += f", rate {pj['rate']:.4f})" if "rate" in pj else ")"
         runs = [x for x in (self.run("clean model (Baseline)", r / "clean_metrics.json"),
                             self.run("poisoned model", r / "metrics.json"),
@@ -186,7 +186,7 @@ class Renderer:
             if not s.marker.exists():
                 missing.append(s.id)
             cmd = " ".join(a.replace(str(self.w), "WORK") for a in s.args)
-            rows.append({"step": s.id, "seconds": rec["seconds"] if rec else None, "command": f"`mmsanitize {cmd}`"})
+            rows.append({"step": s.id, "seconds": f"{rec['seconds']:.0f}" if rec else None, "command": f"`mmsanitize {cmd}`"})
         L += markdown_table(rows) + [""]
         if missing:
             L += [f"Not finished ({len(missing)} steps): " + ", ".join(missing) + ".", ""]
