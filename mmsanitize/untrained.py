@@ -68,6 +68,6 @@ def check_scan_model(*, model: str | None, embeddings: str | os.PathLike | None,
 def scan_warnings(samples: int, flagged: int) -> list[str]:
     """Warning lines for a scan summary (empty when nothing looks wrong)."""
     if samples and flagged / samples > FLAGGED_WARN_FRACTION:
-        return [f"flagged {flagged:,} of {samples:,} pairs ({flagged / samples:.1%}), more than half: the reference "
-                "model probably does not fit this data (was it aligned on similar pairs?) or the threshold is too high"]
+        return [(f"flagged {flagged:,} of {samples:,} pairs ({flagged / samples:.1%}), more than half: the reference "
+                 "model probably does not fit this data (was it aligned on similar pairs?) or the threshold is too high")]
     return []

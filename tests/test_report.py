@@ -104,7 +104,7 @@ def test_report_without_shards_reads_captions_from_the_embeddings(scanned, tmp_p
 def test_report_of_a_large_scan_shows_only_the_top(scanned, tmp_path):
     """150k flagged rows (a real scan's rows repeated under new keys): the page holds the top N,
     the CSV holds them all."""
-    data, scan, _, _ = scanned
+    _, scan, _, _ = scanned
     big = tmp_path / "big_scan"
     big.mkdir()
     scores = pd.read_parquet(scan / "scores.parquet")
@@ -119,7 +119,7 @@ def test_report_of_a_large_scan_shows_only_the_top(scanned, tmp_path):
     main(["report", str(big), "--top", "50", "--out", str(out)])
     assert out.stat().st_size < 1_500_000
     assert out.read_text().count('class="card') == 50
-    assert sum(1 for _ in open(out.with_name("big_flagged.csv"))) == len(rows) + 1
+    assert len(out.with_name("big_flagged.csv").read_text().splitlines()) == len(rows) + 1
 
 
 def test_report_of_a_folder_that_is_no_scan_is_one_line(tmp_path, capsys):

@@ -7,8 +7,15 @@ import json
 import os
 from pathlib import Path
 
-from mmsanitize.report import (Run, attack_rows, epoch_figure, format_value, markdown_table, rate_figure,
-                               save_figure, utility_rows)
+from mmsanitize.report import (
+    Run,
+    attack_rows,
+    epoch_figure,
+    markdown_table,
+    rate_figure,
+    save_figure,
+    utility_rows,
+)
 
 from .config import Config, Experiment
 from .plan import Plan
@@ -217,6 +224,3 @@ def load_times(work: Path) -> dict[str, dict]:
 def render(cfg: Config, plan: Plan, out: Path, img_dir: Path, config_path: str) -> None:
     """Render the results of `plan` into `out` and `img_dir`."""
     Renderer(plan, load_times(plan.w), config_path).write(out, img_dir)
-
-
-__all__ = ["render", "load_times", "Renderer", "format_value"]
