@@ -250,7 +250,7 @@ def load_runs(paths) -> list[Run]:
             if isinstance(d.get("metrics"), dict):  # demo summary: one run per model
                 found += [Run(name, m, str(f), _history(p / f"model-{name}")) for name, m in d["metrics"].items()]
             elif "utility" in d:
-                label = f.stem.removesuffix("_metrics").removesuffix("metrics").strip("_-") or p.name
+                label = f.stem.removesuffix("_metrics").removesuffix("metrics").strip("_-") or f.parent.name
                 found.append(Run(label, d, str(f)))
         if p.is_dir() and not found:
             hist = _history(p)
@@ -324,6 +324,24 @@ def epoch_figure(runs: list[Run]):
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     return fig
+
+
+def rate_points(runs: list[Run]) -> dict[str, list[tuple[float, float]]]:
+    """{goal: [(poisoning rate, Hit@10)]} of runs evaluated against a manifest whose poison.json
+    (beside it, written by `poison`) gives the rate; only goals seen at two or more rates."""
+    pts: dict[str, list[tuple[float, float]]] = {}
+    for r in runs:
+        man = r.metrics.get("manifest")
+        if not man:
+            continue
+        try:
+            rate = json.loads((Path(man).parent / "poison.json").read_text())["rate"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for goal, a in (r.metrics.get("attacks") or {}).items():
+            if a.get("t2i") and rate:
+                pts.setdefault(goal, []).append((float(rate), a["t2i"]["hit@10"]))
+    return {g: sorted(set(p)) for g, p in pts.items() if len({x for x, _ in p}) >= 2}
 
 
 def rate_figure(points: dict[str, list[tuple[float, float]]], xlabel: str = "poisoning rate"):
@@ -482,6 +500,7 @@ def build_report(
 
     run_list = load_runs(runs) if runs else []
     epoch_fig = epoch_figure(run_list) if run_list else None
+    rates = rate_points(run_list)
     ctx = {
         "title": title or f"mmsanitize report: {Path(scan_dir).resolve().name}",
         "scan_dir": str(scan_dir),
@@ -509,6 +528,7 @@ def build_report(
         "attacks": {g: _table(rows) for g, rows in attack_rows(run_list).items()},
         "backdoor": _table(backdoor_rows(run_list)) if backdoor_rows(run_list) else None,
         "epoch_figure": figure_uri(epoch_fig) if epoch_fig is not None else None,
+        "rate_figure": figure_uri(rate_figure(rates)) if rates else None,
         "runs": [{"label": r.label, "source": r.source} for r in run_list],
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("mmsanitize", "templates"),
