@@ -456,8 +456,8 @@ def build_report(
     truth = _truth(df, manifest)
     if truth is not None:
         df["poisoned"] = truth
-    det_names = [c for c in scores.columns if c not in SCORE_COLUMNS_SKIP and c != "poisoned"
-                 and np.issubdtype(scores[c].dtype, np.number)]
+    det_names = [c for c in summary.get("detectors", []) if c in scores.columns] or \
+        [c for c in scores.columns if c not in SCORE_COLUMNS_SKIP and np.issubdtype(scores[c].dtype, np.number)]
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
