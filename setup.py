@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["mmsanitize", "mmsanitize.*"]),
-    package_data={"mmsanitize": ["datasets/*.txt", "datasets/*.json"]},
+    package_data={"mmsanitize": ["datasets/*.txt", "datasets/*.json", "templates/*.j2"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -24,6 +24,7 @@ setup(
         "Pillow>=10",
         "tqdm",
         "matplotlib",
+        "jinja2",  # the report page template
         "safetensors",
         "braceexpand",
         "scikit-learn",  # mixture cut, AUROC (was only pulled in by sentence-transformers)

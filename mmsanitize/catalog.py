@@ -35,12 +35,13 @@ class CatalogTask:
     part_dir: str
 
 
-def catalog_dir(shard_paths: list[Path]) -> Path:
-    """Where a dataset's catalog parts live: `$XDG_CACHE_HOME/mmsanitize/catalogs/<hash of the folder>`
-    (default `~/.cache`). Never beside the shards: inputs are read-only to mmsanitize."""
-    root = shard_paths[0].parent.resolve()
+def catalog_dir(shard_paths: list[Path], cache_home: str | os.PathLike | None = None) -> Path:
+    """Where a dataset's catalog parts live: `CACHE_HOME/mmsanitize/catalogs/<hash of the folder>`,
+    CACHE_HOME being `cache_home`, else `$XDG_CACHE_HOME`, else `~/.cache`. Never beside the shards:
+    inputs are read-only to mmsanitize. The shards need not exist yet (pipelines plan ahead)."""
+    root = Path(shard_paths[0]).parent.resolve()
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    base = Path(cache_home or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "mmsanitize" / "catalogs" / digest
 
 

@@ -170,6 +170,7 @@ def demo(out, dataset, goal, epochs, align_epochs, limit, seed, scheduler, worke
         click.echo(f"scan (combined): AUROC {det['auroc']:.3f}  precision {det['precision']:.3f}  "
                    f"recall {det['recall']:.3f}  flagged {det['flagged']}")
     click.echo(f"outputs and summary.json in {out}")
+    click.echo(f"report: {s['report']}")
 
 
 # ----------------------------------------------------------------------------- datasets / ingest
@@ -531,9 +532,11 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
 @click.option("--index", "index_kind", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
+@click.option("--allow-untrained", is_flag=True,
+              help="Scan with a model whose weights were never trained (its cosines are noise).")
 @dask_options
 def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, detectors, classes, combine, reuse_min,
-         k, index_kind, seed, overwrite, scheduler, workers):
+         k, index_kind, seed, overwrite, scheduler, workers, allow_untrained):
     """Score every pair with the detectors and flag suspicious ones.
 
     Example: mmsanitize scan runs/p/ --model runs/ref/ --threshold auto --manifest runs/p/manifest.parquet --out runs/p-scan/
@@ -543,7 +546,9 @@ def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, det
     s = run(shards, out=out, threshold=threshold, flag_fraction=flag_fraction, embeddings=embeddings, model=model,
             manifest=manifest, detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
             combine=combine, classes=classes, reuse_min=reuse_min, k=k, index_kind=index_kind, seed=seed,
-            overwrite=overwrite, scheduler=scheduler, workers=workers)
+            overwrite=overwrite, scheduler=scheduler, workers=workers, allow_untrained=allow_untrained)
+    for line in s.get("warnings", []):
+        click.echo(f"warning: {line}", err=True)
     thr = s["thresholds"].get("similarity")
     click.echo(f"flagged {s['flagged']:,} of {s['samples']:,} pairs ({s['fraction_flagged']:.2%})"
                + (f"; cosine threshold {thr:.4f}" if thr is not None else "") + f" -> {out}")
@@ -612,6 +617,25 @@ def verify(shards, out, concurrency, timeout, retries, overwrite, scheduler, wor
 
 EXIT_USAGE = 2  # bad input or request: MmsanitizeError, click usage errors
 EXIT_INTERNAL = 3  # a bug: one line + the path of a log file holding the traceback
+
+
+@cli.command()
+@click.argument("scan_dir", type=click.Path(file_okay=False))
+@click.argument("runs", nargs=-1, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HTML file to write (a CSV of every flagged pair goes beside it).")
+@click.option("--shards", default=None, help="The scanned shards (thumbnails, URLs, shared-image groups).")
+@click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: ROC curves and a poisoned mark.")
+@click.option("--top", type=int, default=100, show_default=True, help="Flagged pairs shown in the gallery.")
+def report(scan_dir, runs, out, shards, manifest, top):
+    """One self-contained HTML page of a scan and of evaluate runs (RUNS: metrics .json files or folders).
+
+    Example: mmsanitize report runs/p-scan/ runs/p-metrics.json --shards runs/p/ --manifest runs/p/manifest.parquet --out report.html
+    """
+    from .report import build_report
+
+    r = build_report(scan_dir, runs, out=out, shards=shards, manifest=manifest, top=top)
+    click.echo(f"{r['shown']} of {r['flagged']:,} flagged pairs on the page ({r['images']} thumbnails, "
+               f"{r['groups']} shared-image groups, {r['runs']} runs) -> {r['html']}; all flagged: {r['csv']}")
 
 
 def main(argv: list[str] | None = None) -> None:

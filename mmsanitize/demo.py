@@ -2,7 +2,8 @@
 
 build -> align (reference encoder on `ref`) -> poison `train` (Attack II) -> fine-tune on clean
 and poisoned `train` -> scan the poisoned set with the reference -> sanitize -> fine-tune on the
-sanitized set -> evaluate every model on `test`. Every step resumes from its outputs in OUT.
+sanitized set -> evaluate every model on `test` -> `OUT/report.html` (the scan's gallery and every
+model's tables, `mmsanitize report`). Every step resumes from its outputs in OUT.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ def run_demo(
 ) -> dict:
     """Run the loop into `out` and return a summary dict (also written to `out/summary.json`):
     per model (reference, clean, poisoned, sanitized) the utility and attack metrics, and the
-    scan's detection quality against the poison manifest."""
+    scan's detection quality against the poison manifest, and `report`: the path of
+    `out/report.html`."""
     from .datasets import build_dataset
     from .evaluate import evaluate
     from .poison import poison_dataset
+    from .report import build_report
     from .sanitize import sanitize
     from .scan import scan
     from .train import align, train
@@ -61,5 +64,9 @@ def run_demo(
                for name, path in models.items()}
     summary = {"dataset": dataset, "goal": goal, "build": build, "poison": poison,
                "scan": scanned, "sanitize": sanitized, "metrics": metrics}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    report = build_report(scan_dir, [out], out=out / "report.html", shards=str(poisoned), manifest=manifest,
+                          title=f"mmsanitize demo: {dataset} Attack II {goal}")
+    summary["report"] = report["html"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

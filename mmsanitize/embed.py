@@ -102,11 +102,11 @@ def _normalise(x) -> np.ndarray:
 
 def _embed_cached(model, path: str, shard: str):
     """Offline models with pretrained (untrained) backbones: backbone features from the shared
-    feature cache (train.backbone_features, keyed by image/caption sha256), then the projections.
+    feature cache (batches.backbone_features, keyed by image/caption sha256), then the projections.
     A scan of a poisoned copy of a dataset then computes backbone features only for new images."""
     import torch
 
-    from .train import backbone_features
+    from .batches import backbone_features
 
     with torch.no_grad():
         meta, fi, ft = backbone_features(model, path)

@@ -48,7 +48,7 @@ def embed_split(model, test, *, batch_size: int = 64, workers: int = 0):
     """Embed every pair of `test` shards; return (meta dict of lists, image emb (N,D), text emb (N,D)), L2-normalised numpy."""
     import torch
 
-    from .train import backbone_features, iter_batches
+    from .batches import backbone_features, iter_batches
 
     model.eval()
     dev = next(model.parameters()).device

@@ -319,6 +319,7 @@ def scan(
     workers: int | None = None,
     batch_size: int = 64,
     overwrite: bool = False,
+    allow_untrained: bool = False,
 ) -> dict:
     """Scan shards and write `out/scores.parquet`, `out/summary.json`, `out/index/` and
     `out/scan_NNNNN_stats.json` markers; returns the summary dict.
@@ -327,7 +328,9 @@ def scan(
     by combined score; at least one is required. Without `embeddings` they are computed with
     `model` into `out/embeddings/` (resumable per shard). `classes` names the class vocabulary of
     class_consistency (see `caption_classes`). A finished scan with the same inputs and
-    parameters is not recomputed. Raises UsageError/ShardError on bad input.
+    parameters is not recomputed. A model with untrained weights is refused unless
+    `allow_untrained`; `summary["warnings"]` lists what looks wrong (e.g. most pairs flagged).
+    Raises UsageError/ShardError on bad input.
     """
     import pandas as pd
 
@@ -335,6 +338,9 @@ def scan(
     from .embed import embed as run_embed
     from .embed import load_embeddings
 
+    from .untrained import check_scan_model, scan_warnings
+
+    check_scan_model(model=model, embeddings=embeddings, allow_untrained=allow_untrained)
     threshold = parse_threshold(threshold)
     reuse_min = parse_reuse_min(reuse_min)
     if threshold is None and flag_fraction is None:
@@ -461,6 +467,7 @@ def scan(
                "detector_state": {name: {k_: v for k_, v in st.items() if not k_.startswith("_")}
                                   if isinstance(st, dict) else st for name, st in state.items()},
                "params_hash": phash}
+    summary["warnings"] = scan_warnings(n, int(flagged.sum()))
     if manifest:
         summary["detection"] = _manifest_metrics(manifest, df, scores, combined, fired, flagged)
     for name in names:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from mmsanitize.catalog import catalog_dir
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # --------------------------------------------------------------------------- configuration
@@ -149,11 +151,11 @@ class Plan:
 
     def dataset_steps(self, ds):
         d = self.data(ds)
-        b = self.add(f"{ds}/build", ["datasets", "build", BUILD[ds][0], d, *BUILD[ds][1:], "--splits", SPLITS, *DASK],
+        b = self.add(f"{ds}/build", ["datasets", "build", BUILD[ds][0], "--out", d, *BUILD[ds][1:], "--splits", SPLITS, *DASK],
                      d / "build_report.json", [], "build")
         for split in ("train", "pool"):  # catalogs first, so parallel poison steps only read them
             self.add(f"{ds}/catalog_{split}", ["catalog", self.data(ds, split), *DASK],
-                     self.data(ds, split) / "_catalog" / "catalog.parquet", [b], "catalog")
+                     catalog_dir([self.data(ds, split) / "00000.tar"], self.w / "cache") / "catalog.parquet", [b], "catalog")
         ep = int(ALIGN[ds][ALIGN[ds].index("--epochs") + 1]) if "--epochs" in ALIGN[ds] else 10
         a = self.add(f"{ds}/align", ["align", self.data(ds, "ref"), *ALIGN[ds], "--seed", 0, "--resume", "--out", self.ref(ds)],
                      done_epoch(self.ref(ds), ep), [b], "align")
@@ -300,7 +302,7 @@ class Runner:
         self.log_path = self.w / "steps.jsonl"
         self.times = load_times(self.w)
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", MMSANITIZE_PROGRESS="0",
-                        MMSANITIZE_FEATURE_CACHE=str(self.w / "cache" / "features"))
+                        MMSANITIZE_FEATURE_CACHE=str(self.w / "cache" / "features"), XDG_CACHE_HOME=str(self.w / "cache"))
 
     def estimate(self, step: Step) -> float:
         same = sorted(r["seconds"] for r in self.times.values() if r.get("kind") == step.kind)

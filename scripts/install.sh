@@ -9,4 +9,6 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq openclipart-png openclipart-svg dataset-fashion-mnist >/dev/null
+# headless browser: the tests render `mmsanitize report` pages in it
+$SUDO apt-get install -y -qq chromium >/dev/null
 python3 -m pip install -q -c constraints.txt -e '.[dev,offline]'

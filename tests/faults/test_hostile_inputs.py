@@ -3,7 +3,6 @@ outside --out (ownership), and the inputs never change. Prints its part of the f
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 
@@ -145,8 +144,6 @@ def test_hostile_input_is_one_line(case, world, tmp_path, monkeypatch):
     verb, build = CASES[case]
     flag = tmp_path / "EXPLOITED"
     argv = build(world, tmp_path, flag)
-    watch = tmp_path.parent  # everything this test and the module can see, except outputs it owns
-    outs = tuple(p for p in (tmp_path / "o", tmp_path / "cache", tmp_path / "train_out") if p)
     before_unrelated = _digest_if(tmp_path / "unrelated")
     before_nonempty = _digest_if(tmp_path / "nonempty")
     run = run_cli(argv, watch=world["root"], outs=())
