@@ -43,7 +43,7 @@ def argv(verb, data, out, scan_dir, scheduler):
         "embed": ["embed", data, "--model", "tiny", "--out", out, *d],
         "scan": ["scan", data, "--model", "tiny", "--threshold", "auto", "--out", out, *d],
         "sanitize": ["sanitize", data, "--scan", scan_dir, "--out", out, *d],
-        "train": ["train", data, "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+        "train": ["train", data, "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--loader-workers", "0",
                   "--out", out],
         "evaluate": ["evaluate", "tiny", "--test", data, "--out", out / "metrics.json"],
     }[verb]

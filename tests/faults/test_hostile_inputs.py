@@ -73,7 +73,7 @@ def _object_npy(d):
 def _pickled_state(world, tmp_path, flag):
     out = tmp_path / "train_out"
     rc = run_cli(["train", world["data"], "--model", "tiny", "--epochs", "1", "--batch-size", "4",
-                  "--workers", "0", "--out", out])
+                  "--loader-workers", "0", "--out", out])
     assert rc.outcome == "ok", rc.stderr
     with open(out / "train_state.pt", "wb") as f:
         pickle.dump({"epoch": 1, "step": 1, "x": Exploit(str(flag))}, f)
@@ -88,7 +88,7 @@ CASES = {
     "model.json config not an object": ("evaluate", lambda w, t, f: ["evaluate", _ckpt_with_card(w, t, b'{"base": "tiny", "config": "x"}'), "--test", w["data"]]),
     "extension-less pickle as open_clip checkpoint": ("evaluate", lambda w, t, f: (
         (t / "ckpt").write_bytes(pickle.dumps(Exploit(str(f)))), ["evaluate", f"open_clip:RN50/{t / 'ckpt'}", "--test", w["data"]])[1]),
-    "pickled train_state.pt with --resume": ("train", lambda w, t, f: ["train", w["data"], "--model", "tiny", "--epochs", "2", "--batch-size", "4", "--workers", "0", "--resume", "--out", _pickled_state(w, t, f)]),
+    "pickled train_state.pt with --resume": ("train", lambda w, t, f: ["train", w["data"], "--model", "tiny", "--epochs", "2", "--batch-size", "4", "--loader-workers", "0", "--resume", "--out", _pickled_state(w, t, f)]),
     "object .npy as --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, _object_npy), "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),
     "junk model.json in --embeddings": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", _emb_copy(w, t, lambda d: (d / "model.json").write_bytes(b"\x00junk")), "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),
     "--embeddings of another dataset": ("scan", lambda w, t, f: ["scan", w["data"], "--embeddings", w["emb_other"], "--threshold", "0.1", "--out", t / "o", "--scheduler", w["sched"]]),

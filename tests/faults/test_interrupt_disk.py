@@ -151,7 +151,7 @@ def test_full_disk_is_one_line_and_leaves_no_temp_files(verb, data, tiny_disk, t
     argv = {"poison": ["poison", data, "--attack", "single-label", "--goal", "dog2boat", "--count", "6", "--out", out],
             "sanitize": ["sanitize", data, "--scan", scan, "--out", out],
             "embed": ["embed", data, "--model", "tiny", "--out", out],
-            "train": ["train", data, "--model", "tiny", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "train": ["train", data, "--model", "tiny", "--epochs", "1", "--batch-size", "8", "--loader-workers", "0",
                       "--out", out]}[verb]
     if verb != "train":
         argv += ["--scheduler", dask_address]
@@ -191,7 +191,7 @@ def test_killed_train_leaves_no_dataloader_workers(tmp_path):
     make_dataset(d, n_shards=4, per_shard=40, classes=["dog", "boat"])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache"), "MMSANITIZE_PROGRESS": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "mmsanitize", "train", str(d), "--model", "tiny", "--epochs", "50",
-                             "--batch-size", "8", "--workers", "2", "--out", str(tmp_path / "out")], env=env,
+                             "--batch-size", "8", "--loader-workers", "2", "--out", str(tmp_path / "out")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

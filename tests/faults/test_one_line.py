@@ -28,7 +28,7 @@ def _bad_data(tmp_path, fault="pax-negative-size"):
 @pytest.mark.parametrize("argv", [
     ["catalog", "{d}", "--workers", "1"],
     ["embed", "{d}", "--model", "tiny", "--out", "{o}", "--workers", "1"],
-    ["train", "{d}", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--workers", "1", "--out", "{o}"],
+    ["train", "{d}", "--model", "tiny", "--epochs", "1", "--batch-size", "4", "--loader-workers", "1", "--out", "{o}"],
 ], ids=["catalog-local-cluster", "embed-local-cluster", "train-dataloader-worker"])
 def test_bad_shard_is_one_line_in_a_real_process(argv, tmp_path):
     """A local Dask cluster / DataLoader worker process: stderr is exactly the one error line."""
