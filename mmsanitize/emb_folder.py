@@ -118,8 +118,10 @@ def join_clip(emb_dir: str | os.PathLike, names: list[str], catalog_parts: list[
         extra = j[j["_merge"] == "left_only"][["key", "part"]]
         dup = emb.groupby("key").size()
         n_missing, first_missing, n_extra, first_extra, n_dup, first_dup = dask.compute(
-            missing["key"].count(), missing["key"].min(), extra["key"].count(), extra["key"].min(),
-            (dup > 1).sum(), dup[dup > 1].index.min())
+            missing["key"].count(), _first(missing["key"]), extra["key"].count(), _first(extra["key"]),
+            (dup > 1).sum(), _first(dup[dup > 1].index.to_series()))
+        first_missing, first_extra, first_dup = (min(v) if len(v) else None
+                                                 for v in (first_missing, first_extra, first_dup))
         if n_dup:
             raise UsageError(f"{emb_dir}: key {first_dup} has {int(dup.loc[first_dup].compute())} embedding rows")
         if n_missing:
@@ -132,12 +134,29 @@ def join_clip(emb_dir: str | os.PathLike, names: list[str], catalog_parts: list[
                              f"({int(n_extra)} extra key(s))")
         both = j[j["_merge"] == "both"][["shard", "position", "part", "erow", "key", "url"]]
         files = {int(n): (str(i), str(t)) for n, i, t, _ in parts}
-        both.groupby("shard").apply(_write_shard_rows, files, str(work / "emb"),
-                                    meta=("part", "int64")).compute()
+        meta = pd.DataFrame({"shard": pd.Series(dtype=object), "count": pd.Series(dtype="int64")})
+        both.shuffle(on="shard").map_partitions(_write_partition, files, str(work / "emb"), meta=meta).compute()
     write_json_atomic(done, {"embeddings": str(emb_dir), "shards": len(names)})
 
 
-def _write_shard_rows(group, files: dict, out: str):
+def _first(series):
+    """Per-partition smallest value (empty partitions give nothing); the caller takes the min."""
+    import pandas as pd
+
+    return series.map_partitions(lambda s: pd.Series([s.min()] if len(s) else [], dtype=object),
+                                 meta=pd.Series(dtype=object))
+
+
+def _write_partition(df, files: dict, out: str):
+    """Write every shard held by one partition of the joined table (see `_write_shard_rows`)."""
+    import pandas as pd
+
+    done = [(str(name), _write_shard_rows(group, files, out)) for name, group in df.groupby("shard", sort=True)]
+    return pd.DataFrame({"shard": pd.Series([d[0] for d in done], dtype=object),
+                         "count": pd.Series([d[1] for d in done], dtype="int64")})
+
+
+def _write_shard_rows(group, files: dict, out: str) -> int:
     """Gather one shard's rows from the clip-retrieval parts (memory-mapped), in shard order."""
     import pandas as pd
 
@@ -165,7 +184,7 @@ def _write_shard_rows(group, files: dict, out: str):
         os.replace(tmp, path)
     write_parquet_atomic(pd.DataFrame({"key": group["key"].to_numpy(), "url": group["url"].to_numpy()}),
                          Path(out) / f"meta_{name}.parquet")
-    return pd.Series([n], dtype="int64")
+    return n
 
 
 def model_card(emb_dir: str | os.PathLike) -> dict | None:
