@@ -493,8 +493,8 @@ def scan(
             index.update(nlist=nlist, nprobe=max(16, nlist // 64), codec="SQ8",
                          train=min(n_total, 40 * nlist), storage="on-disk inverted lists (faiss OnDiskInvertedLists)")
         st = {"work": str(work), "out": str(out), "params_hash": phash, "seed": seed, "k": k,
-              "detectors": detectors, "combine": combine, "fit_sample": fit_sample, "temp_sample": 50_000,
-              "calib_sample": 20_000, "index": index, "offsets": offsets, "vocab": vocab, "has_url": has_url,
+              "detectors": detectors, "combine": combine, "fit_sample": fit_sample, "temp_sample": min(50_000, fit_sample),
+              "calib_sample": min(20_000, fit_sample), "index": index, "offsets": offsets, "vocab": vocab, "has_url": has_url,
               "shards": [{"name": n, "catalog": c, "img": str(f[0]), "txt": str(f[1]), "meta": str(f[2])}
                          for n, c, f in zip(names, catalog_parts, files)]}
         state = T.write_state(work / "state_prep.pkl", st)
@@ -528,8 +528,6 @@ def scan(
                     det_state["class_consistency"] = {
                         "classes": [c for c, ok in zip(names_c, present) if ok], "temperature": temp,
                         "captions_with_class": float(cnt.sum() / n_total) if n_total else 0.0}
-        T.save_npz(work / "calib.npz", img=np.concatenate([p["calib_img"] for p in preps]),
-                   gid=np.concatenate([p["calib_gid"] for p in preps]))
         del preps
 
         # ---- indexes: trained once on a sample, filled per shard, merged on disk (IVF)
@@ -549,7 +547,7 @@ def scan(
             if n_total < 3:
                 det_state["image_reuse"] = {"radius": 0.94, "median_nn_cosine": None, "sampled": 0}
             else:
-                c = client.submit(T.calibrate, state, pure=False).result()
+                c = client.submit(T.calibrate, state, names, pure=False).result()
                 med = c["median"]
                 r = None if med >= 0.98 else float(max(0.94, 1.0 - (1.0 - med) / 4.0))
                 det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": c["sampled"]}

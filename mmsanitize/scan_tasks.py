@@ -366,13 +366,15 @@ def save_exact_index(state: str, kind: str) -> dict:
     return {}
 
 
-def calibrate(state: str) -> dict:
+def calibrate(state: str, names: list[str]) -> dict:
     """image_reuse's radius from the nearest other image of the sampled queries (`calibrated_radius`)."""
     st = load_state(state)
-    q = np.load(Path(st["work"]) / "calib.npz")
+    preps = [np.load(Path(st["work"]) / f"prep_{n}.npz") for n in names]
+    img = np.concatenate([p["calib_img"] for p in preps]).astype(np.float32)
+    gid = np.concatenate([p["calib_gid"] for p in preps])
     index = get_index(st, "image")
-    sims, ids = index.knn(np.asarray(q["img"], np.float32), 2)
-    nn = np.where(ids[:, 0] == q["gid"], sims[:, 1], sims[:, 0])
+    sims, ids = index.knn(img, 2)
+    nn = np.where(ids[:, 0] == gid, sims[:, 1], sims[:, 0])
     return {"median": float(np.median(nn)), "sampled": int(len(nn))}
 
 
