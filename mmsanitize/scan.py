@@ -485,12 +485,14 @@ def scan(
         dups, labels = _catalog_groups(names, catalog_parts, offsets, client, labels=need_cc and classes == "auto")
         vocab = class_vocabulary(classes, labels) if need_cc else {}
         kind = choose_kind(n_total, index_kind)
-        kinds = ["image", "text"] + (["joint"] if "density" in detectors else []) \
-            + (["union"] if "kdistance" in detectors else [])
+        kinds = ["image"] + (["text"] if "caption_neighbours" in detectors else []) \
+            + (["joint"] if "density" in detectors else []) + (["union"] if "kdistance" in detectors else [])
         index = {"kind": kind, "k": k, "vectors": n_total, "kinds": kinds}
         if kind == "ivf":
             nlist = max(1, min(int(round(4 * math.sqrt(n_total))), n_total // 39 or 1))
-            index.update(nlist=nlist, nprobe=max(16, nlist // 64), codec="SQ8",
+            # kNN probes nprobe lists; the near-duplicate range search (cosine >= ~0.94) only
+            # range_nprobe: a copy that close sits in its original's cell or a neighbouring one.
+            index.update(nlist=nlist, nprobe=max(16, nlist // 128), range_nprobe=8, codec="SQ8",
                          train=min(n_total, 40 * nlist), storage="on-disk inverted lists (faiss OnDiskInvertedLists)")
         st = {"work": str(work), "out": str(out), "params_hash": phash, "seed": seed, "k": k,
               "detectors": detectors, "combine": combine, "fit_sample": fit_sample, "temp_sample": min(50_000, fit_sample),
@@ -541,7 +543,7 @@ def scan(
             for kd in kinds:
                 client.submit(T.merge_index, state, kd, names, pure=False).result()
         else:
-            for kd in ("image", "text"):
+            for kd in kinds[:2]:
                 client.submit(T.save_exact_index, state, kd, pure=False).result()
         if "image_reuse" in detectors:
             if n_total < 3:

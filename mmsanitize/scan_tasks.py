@@ -405,6 +405,8 @@ def raw_shard(task: ShardTask) -> dict:
         radius = st["image_reuse"]["radius"]
         if radius is not None:
             index = get_index(st, "image")
+            if index.kind == "ivf":
+                index.faiss_index.nprobe = st["index"]["range_nprobe"]
             for a in range(0, n, 4096):
                 lims, _, ids = index.range_search(img[a:a + 4096], radius)
                 q = np.repeat(gid[a:a + 4096][:len(lims) - 1], np.diff(lims))
@@ -423,6 +425,8 @@ def raw_shard(task: ShardTask) -> dict:
                 pb_.append(b[a != b])
         out["image_reuse"] = image_reuse.count_different(
             np.concatenate(pa_), np.concatenate(pb_), n, off, lambda ids: rows.take("txt", ids), rows.captions)
+    if "image_reuse" in dets and st["index"]["kind"] == "ivf":
+        get_index(st, "image").faiss_index.nprobe = st["index"]["nprobe"]
     if "caption_neighbours" in dets:
         ti, ii = get_index(st, "text"), get_index(st, "image")
         t2i = np.zeros(n, np.float32)
