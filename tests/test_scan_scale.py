@@ -21,6 +21,7 @@ import pytest
 from conftest import make_dataset
 from mmsanitize.cli import main
 from mmsanitize.shards import iter_samples
+from test_scan import _error
 
 ENV = dict(os.environ, MMSANITIZE_PROGRESS="0", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
@@ -165,15 +166,6 @@ def _clip_folder(emb: Path, out: Path, *, drop: str | None = None, extra: bool =
         np.save(out / "img_emb" / f"img_emb_{part}.npy", i)
         np.save(out / "text_emb" / f"text_emb_{part}.npy", t)
         m.to_parquet(out / "metadata" / f"metadata_{part}.parquet")
-
-
-def _error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 @pytest.mark.slow
