@@ -512,7 +512,7 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
               help="Flag pairs with image-text cosine below T (in [-1, 1]); 'auto' fits a 2-component mixture "
                    "and also flags pairs whose image confidently shows another class than the caption names.")
 @click.option("--flag-fraction", type=float, default=None, help="Flag the worst fraction by combined score.")
-@click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings (mmsanitize embed).")
+@click.option("--embeddings", default=None, type=click.Path(file_okay=False), help="Precomputed embeddings: mmsanitize embed output or a clip-retrieval folder (img_emb/, text_emb/, metadata/ with image_path), joined to the shards by key.")
 @click.option("--model", default=None, help="Reference encoder (computes embeddings when --embeddings is absent).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: report precision/recall/AUROC.")
 @click.option("--detectors", default="similarity,class_consistency,image_reuse", show_default=True,

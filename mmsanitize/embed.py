@@ -3,7 +3,8 @@
 Output folder:
   img_emb/img_emb_NNNNN.npy     float16, L2-normalised, one row per sample (shard order)
   text_emb/text_emb_NNNNN.npy   float16, L2-normalised
-  metadata/metadata_NNNNN.parquet   key, caption, row (position in the shard), shard
+  metadata/metadata_NNNNN.parquet   key, caption, row (position in the shard), shard, image_path
+                                    (= key, as clip-retrieval writes it), url (when the shard has one)
   model.json                    the encoder's card
   embed_NNNNN_stats.json        done marker: count, input fingerprint, model hash
 Each worker process loads the model once (module-level cache keyed by spec) with torch limited
@@ -112,9 +113,24 @@ def _embed_cached(model, path: str, shard: str):
         meta, fi, ft = backbone_features(model, path)
         img = _normalise(model.image_proj(fi))
         txt = _normalise(model.text_proj(ft))
-    rows = [{"key": k, "caption": c, "row": i, "shard": shard}
+    urls = _sidecar_urls(path)
+    rows = [{"key": k, "caption": c, "row": i, "shard": shard, "url": urls.get(k)}
             for i, (k, c) in enumerate(zip(meta["key"], meta["caption"]))]
     return img, txt, rows
+
+
+def _sidecar_urls(path: str) -> dict:
+    """key -> url from the shard's img2dataset parquet beside the tar ({} when it has none)."""
+    import pyarrow.parquet as pq
+
+    side = Path(path).with_suffix(".parquet")
+    try:
+        if "url" not in pq.read_schema(side).names:
+            return {}
+        t = pq.read_table(side, columns=["key", "url"])
+    except Exception:
+        return {}
+    return dict(zip(t.column("key").to_pylist(), t.column("url").to_pylist()))
 
 
 def embed_shard(task: EmbedTask) -> dict:
@@ -142,7 +158,9 @@ def embed_shard(task: EmbedTask) -> dict:
             img_parts.append(_normalise(model.encode_image(images)))
             txt_parts.append(_normalise(model.encode_text(tokens)))
             for s in samples:
-                rows.append({"key": s.key, "caption": s.caption, "row": len(rows), "shard": shard})
+                url = s.meta.get("url") if isinstance(s.meta, dict) else None
+                rows.append({"key": s.key, "caption": s.caption, "row": len(rows), "shard": shard,
+                             "url": None if url is None else str(url)})
             progress.add(len(samples))
             fut, samples = fut_next, nxt
     return _write_shard(task, out, np.concatenate(img_parts), np.concatenate(txt_parts), rows)
@@ -154,8 +172,11 @@ def _write_shard(task: EmbedTask, out: Path, img: np.ndarray, txt: np.ndarray, r
     for sub, arr in (("img_emb", img), ("text_emb", txt)):
         with atomic_path(out / sub / f"{sub}_{task.name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-    write_parquet_atomic(pd.DataFrame(rows, columns=["key", "caption", "row", "shard"]),
-                         out / "metadata" / f"metadata_{task.name}.parquet")
+    df = pd.DataFrame(rows, columns=["key", "caption", "row", "shard", "url"])
+    df.insert(4, "image_path", df["key"])  # clip-retrieval's name for the webdataset key
+    if df["url"].isna().all():
+        df = df.drop(columns="url")
+    write_parquet_atomic(df, out / "metadata" / f"metadata_{task.name}.parquet")
     stats = {"count": len(rows), "input": file_fingerprint(task.path), "model": task.model_hash,
              "version": EMBED_VERSION}
     write_json_atomic(out / f"embed_{task.name}_stats.json", stats)

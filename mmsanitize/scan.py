@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ShardError, UsageError
-from .shards import (expand_shards, file_fingerprint, json_bytes, shard_stem, write_json_atomic,
-                     write_parquet_atomic)
+from .shards import (expand_shards, file_fingerprint, json_bytes, shard_stem, write_json_atomic)
 
 DETECTORS = ("similarity", "class_consistency", "image_reuse", "caption_neighbours", "density", "kdistance")
 # Chosen from measurements (docs/results_detection.md): an attacker who brings its own images or
@@ -51,7 +50,10 @@ COMBINE = ("stouffer", "zsum", "mean", "max")
 # caption removed 3.8% / 7.6%; on fm it still recalls 0.92 (1%) and 1.00 (5%) of the poison.
 CLASS_MIN_PROB = 0.03
 CLASS_TOP_PROB = 0.7
-SCAN_VERSION = 5
+SCAN_VERSION = 6
+# The client's budget: seeded samples of at most FIT_SAMPLE values per detector (thresholds, the
+# combination's references); every other per-pair array lives in one shard's task.
+FIT_SAMPLE = 200_000
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -148,6 +150,43 @@ def combine_scores(scores: dict[str, np.ndarray], how: str = "stouffer", *, seed
     raise UsageError(f"unknown --combine {how!r} (choose from {', '.join(COMBINE)})")
 
 
+def fit_reference(sample: np.ndarray, how: str) -> dict:
+    """The small state `combine_with` needs for one detector, from a seeded sample of its scores:
+    the sorted sample (stouffer, mean, max) or the robust median and scale (zsum)."""
+    sample = np.asarray(sample, np.float64)
+    if how == "zsum":
+        return robust_z(sample, sample=len(sample) + 1)[1]
+    return {"sorted": np.sort(sample)}
+
+
+def combine_with(scores: dict[str, np.ndarray], how: str, refs: dict[str, dict]) -> np.ndarray:
+    """`combine_scores` for one shard's rows against references fitted on a sample of the whole
+    dataset (`fit_reference`); equal to `combine_scores` when every sample is the whole dataset."""
+    from scipy.stats import norm
+
+    parts = []
+    for name, x in scores.items():
+        x = np.asarray(x, np.float64)
+        ref = refs[name]
+        if how == "zsum":
+            parts.append(np.clip((x - ref["median"]) / ref["scale"], -3.0, None))
+            continue
+        r = ref["sorted"]
+        m = len(r)
+        lo, hi = np.searchsorted(r, x, "left"), np.searchsorted(r, x, "right")
+        if how == "stouffer":
+            parts.append(norm.ppf((0.5 * (lo + hi) + 0.5) / (m + 1.0)) if m else np.zeros(len(x)))
+        else:
+            parts.append((lo + 0.5 * (hi - lo - 1)) / max(m - 1.0, 1.0) if m > 1 else np.zeros(len(x)))
+    if how == "stouffer" or how == "zsum":
+        return np.sum(parts, 0)
+    if how == "mean":
+        return np.stack(parts, 1).mean(1)
+    if how == "max":
+        return np.stack(parts, 1).max(1)
+    raise UsageError(f"unknown --combine {how!r} (choose from {', '.join(COMBINE)})")
+
+
 def check_classes(classes: str | None) -> None:
     """Raise UsageError unless `classes` is None, auto, openclipart, a file or a comma list of names."""
     from pathlib import Path as _P
@@ -159,6 +198,26 @@ def check_classes(classes: str | None) -> None:
         raise UsageError(f"--classes {classes!r}: not a vocabulary file, 'auto', 'openclipart' or a comma list")
 
 
+def class_vocabulary(classes: str | None, labels=None) -> dict[str, list[str]]:
+    """The class vocabulary {class: keywords} for `classes` (see `caption_classes`); `labels`
+    are the dataset's label names (used by "auto")."""
+    from pathlib import Path as _P
+
+    from .labels import load_vocabulary
+
+    check_classes(classes)
+    if classes is None:
+        return {}
+    if classes == "auto":
+        names = [] if labels is None else [str(c) for c in dict.fromkeys(labels) if c is not None and str(c) != "nan"]
+        return {c: [c] for c in sorted(names)}
+    if classes == "openclipart":
+        return load_vocabulary(str(_P(__file__).parent / "datasets" / "openclipart_classes.txt"))
+    if _P(classes).is_file():
+        return load_vocabulary(classes)
+    return {c: [c] for c in (c.strip() for c in str(classes).split(",")) if c}
+
+
 def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[str], np.ndarray]:
     """The class vocabulary and each caption's class index (−1 = no class keyword).
 
@@ -166,22 +225,11 @@ def caption_classes(captions, classes: str | None, labels=None) -> tuple[list[st
     file (`class: word, word` lines or JSON), "openclipart" (the packaged OpenClipArt vocabulary),
     a comma list of class names, or None (no classes: class_consistency cannot run).
     """
-    from pathlib import Path as _P
+    from .labels import keyword_classes
 
-    from .labels import keyword_classes, load_vocabulary
-
-    check_classes(classes)
-    if classes is None:
+    vocab = class_vocabulary(classes, labels)
+    if not vocab:
         return [], np.full(len(captions), -1, np.int64)
-    if classes == "auto":
-        names = [] if labels is None else [str(c) for c in dict.fromkeys(labels) if c is not None and str(c) != "nan"]
-        vocab = {c: [c] for c in sorted(names)}
-    elif classes == "openclipart":
-        vocab = load_vocabulary(str(_P(__file__).parent / "datasets" / "openclipart_classes.txt"))
-    elif _P(classes).is_file():
-        vocab = load_vocabulary(classes)
-    else:
-        vocab = {c: [c] for c in (c.strip() for c in str(classes).split(",")) if c}
     return list(vocab), keyword_classes(captions, vocab)
 
 
@@ -320,23 +368,30 @@ def scan(
     batch_size: int = 64,
     overwrite: bool = False,
     allow_untrained: bool = False,
+    fit_sample: int = FIT_SAMPLE,
 ) -> dict:
-    """Scan shards and write `out/scores.parquet`, `out/summary.json`, `out/index/` and
-    `out/scan_NNNNN_stats.json` markers; returns the summary dict.
+    """Scan shards and write `out/scores.parquet`, `out/summary.json`, `out/index/` and per-shard
+    `out/scores_NNNNN.parquet` + `out/scan_NNNNN_stats.json`; returns the summary dict.
 
     `threshold`: cosine (flag pairs below it) or "auto"; `flag_fraction`: flag the worst fraction
-    by combined score; at least one is required. Without `embeddings` they are computed with
+    by combined score; at least one is required. `embeddings`: our `embed` output or a
+    clip-retrieval folder (joined to the shards by key); without it they are computed with
     `model` into `out/embeddings/` (resumable per shard). `classes` names the class vocabulary of
-    class_consistency (see `caption_classes`). A finished scan with the same inputs and
-    parameters is not recomputed. A model with untrained weights is refused unless
-    `allow_untrained`; `summary["warnings"]` lists what looks wrong (e.g. most pairs flagged).
-    Raises UsageError/ShardError on bad input.
+    class_consistency (see `caption_classes`). Every per-pair computation is a Dask task per
+    shard; the client keeps only seeded samples of at most `fit_sample` values per detector, the
+    class sums and the rows whose image hash repeats. A killed scan resumes where it stopped; a
+    finished one with the same inputs and parameters is not recomputed. A model with untrained
+    weights is refused unless `allow_untrained`; `summary["warnings"]` lists what looks wrong (e.g.
+    most pairs flagged). Raises UsageError/ShardError on bad input, before anything is written.
     """
-    import pandas as pd
+    import pandas as pd  # noqa: F401  (imported here, in the main thread, before Dask's threads need it)
 
-    from .catalog import build_catalog
+    from . import scan_tasks as T
+    from .catalog import CatalogTask, _part_done, catalog_dir, catalog_shard
+    from .emb_folder import join_clip, layout, model_card
     from .embed import embed as run_embed
-    from .embed import load_embeddings
+    from .engine import dask_client, map_shards
+    from .index import choose_kind
 
     from .untrained import check_scan_model, scan_warnings
 
@@ -350,132 +405,387 @@ def scan(
     check_classes(classes)
     if combine not in COMBINE:
         raise UsageError(f"unknown --combine {combine!r} (choose from {', '.join(COMBINE)})")
+    detectors = tuple(detectors)
+    unknown = set(detectors) - set(DETECTORS)
+    if unknown or not detectors:
+        raise UsageError(f"unknown detector(s) {', '.join(sorted(unknown)) or '(none)'} "
+                         f"(choose from {', '.join(DETECTORS)})")
+    if threshold is not None and "similarity" not in detectors:
+        raise UsageError("--threshold needs the similarity detector")
+    if k < 1:
+        raise UsageError(f"-k must be >= 1, got {k}")
+    choose_kind(1, index_kind)
     paths = expand_shards(shards)
     names = [shard_stem(p) for p in paths]
-    out = Path(out)
+    if len(set(names)) != len(names):
+        raise UsageError("two shards share a name; shard names must be unique")
+    truth_keys = _read_manifest(manifest) if manifest else None
+    if embeddings is not None:
+        embeddings = Path(embeddings).resolve()
+        emb_layout = layout(embeddings)
+        if emb_layout == "own" and model is not None:
+            _check_model(json.loads((embeddings / "model.json").read_text()), model)
     from .outputs import check_embeddings, check_seed, claim_out
 
     check_seed(seed)
-    if embeddings is not None:
+    if embeddings is not None and emb_layout == "own":
         check_embeddings(embeddings, paths)
-    claim_out(out, "scan", paths, overwrite=overwrite)
+    out = claim_out(Path(out).resolve(), "scan", paths, overwrite=overwrite)
 
     if embeddings is None:
-        if model is None:
-            raise UsageError("give --embeddings or --model (to compute embeddings)")
         embeddings = out / "embeddings"
+        emb_layout = "own"
         run_embed(paths, model=model, out=embeddings, scheduler=scheduler, workers=workers,
                   batch_size=batch_size, overwrite=overwrite)
-    emb_dir = Path(embeddings)
-    if not (emb_dir / "model.json").exists():
-        raise UsageError(f"{emb_dir} is not an embeddings folder (no model.json)")
-    card = json.loads((emb_dir / "model.json").read_text())
-    if model is not None:
-        _check_model(card, model)
+    card = model_card(embeddings)
+    if emb_layout == "own":
+        emb_files = [embeddings / "img_emb" / f"img_emb_{n}.npy" for n in names]
+    else:
+        from .emb_folder import clip_parts
 
+        emb_files = [f for part in clip_parts(embeddings) for f in part[1:]]
     params = {"version": SCAN_VERSION, "threshold": threshold, "flag_fraction": flag_fraction,
               "detectors": list(detectors), "combine": combine, "classes": classes,
               "class_rule": [CLASS_MIN_PROB, CLASS_TOP_PROB], "reuse_min": reuse_min, "k": k,
-              "index_kind": index_kind, "seed": seed, "model": card,
+              "index_kind": index_kind, "seed": seed, "model": card, "fit_sample": fit_sample,
               "inputs": [file_fingerprint(p) for p in paths],
-              "embeddings": [file_fingerprint(emb_dir / "img_emb" / f"img_emb_{n}.npy")
-                             for n in names if (emb_dir / "img_emb" / f"img_emb_{n}.npy").exists()],
+              "embeddings": [file_fingerprint(f) for f in emb_files if f.exists()],
               "manifest": file_fingerprint(manifest) if manifest else None}
     phash = _params_hash(params)
     previous = _previous_scan(out, names, phash)
     if previous is not None and not overwrite:
         return previous
 
-    cat = build_catalog(paths, scheduler=scheduler, workers=workers)
-    emb = load_embeddings(emb_dir, names)
-    _check_rows(emb.meta, cat, names)
+    work = out / "work"
+    work.mkdir(exist_ok=True)
 
-    sha = cat["sha256"].to_numpy()
-    caps = cat["caption"].to_numpy(dtype=object)
-    ids = cat[["key", "shard"]]
-    labels = cat["label"].to_numpy(dtype=object) if "label" in cat.columns else None
-    class_names, caption_class = caption_classes(caps, classes, labels) if "class_consistency" in detectors \
-        else ([], None)
-    state: dict = {}
-    scores = run_detectors(emb.img, emb.txt, sha256=sha, captions=caps, caption_class=caption_class,
-                           class_names=class_names, detectors=tuple(detectors), k=k, index_kind=index_kind,
-                           seed=seed, index_dir=out / "index", ids=ids, state=state)
-    combined = combine_scores(scores, combine, seed=seed)
-    n = len(combined)
-    cos = 1.0 - scores["similarity"] if "similarity" in scores else None
+    def phase(fn, desc, marker=None):
+        tasks = [T.ShardTask(n, i, state) for i, n in enumerate(names)]
+        done = None if overwrite else (lambda t: T.done_marker(work, marker, t.name, phash))
+        return map_shards(fn, tasks, is_done=done, client=client, desc=f"scan: {desc}")
 
-    fired: dict[str, np.ndarray] = {}
-    thresholds: dict = {}
-    if threshold is not None:
-        if cos is None:
-            raise UsageError("--threshold needs the similarity detector")
-        if threshold == "auto":
-            from .detectors.similarity import auto_threshold
-
-            fit = auto_threshold(cos, seed=seed)
-            thresholds["similarity_auto"] = fit
-            t = fit["threshold"]
+    with dask_client(scheduler, workers) as client:
+        cdir = catalog_dir(paths)
+        ctasks = [CatalogTask(n, str(p), str(cdir)) for n, p in zip(names, paths)]
+        cres = map_shards(catalog_shard, ctasks, is_done=_part_done, client=client, desc="catalog")
+        counts = [int(cres.results[n]["count"]) for n in names]
+        offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        n_total = int(offsets[-1])
+        catalog_parts = [str(cdir / f"{n}.parquet") for n in names]
+        if emb_layout == "clip":
+            join_clip(embeddings, names, catalog_parts, work, client)
+            files = [(work / "emb" / f"img_{n}.npy", work / "emb" / f"text_{n}.npy", work / "emb" / f"meta_{n}.parquet")
+                     for n in names]
         else:
-            t = float(threshold)
-        thresholds["similarity"] = t
-        fired["similarity"] = cos < t
-    if threshold is not None and "class_consistency" in scores:
-        thresholds["class_consistency"] = {"caption_class_prob_below": CLASS_MIN_PROB,
-                                           "image_top_class_prob_at_least": CLASS_TOP_PROB,
-                                           "caption_names_a_class": True}
-        cc_state = state["class_consistency"]
-        fired["class_consistency"] = ((np.exp(-scores["class_consistency"].astype(np.float64)) < CLASS_MIN_PROB)
-                                      & (cc_state["_image_prob"] >= CLASS_TOP_PROB) & cc_state["_caption_named"])
-    if reuse_min == "auto":
-        reuse_min = int(np.median(scores["image_reuse"])) + 1 if "image_reuse" in scores and n else 1
-        thresholds["image_reuse_auto"] = True
-    if "image_reuse" in scores and reuse_min > 0:
-        thresholds["image_reuse"] = reuse_min
-        fired["image_reuse"] = scores["image_reuse"] >= reuse_min
-        if cos is not None:
-            thresholds["image_reuse_cosine_below"] = float(np.median(cos))
-            fired["image_reuse"] &= cos < thresholds["image_reuse_cosine_below"]
-    top = None
-    if flag_fraction is not None:
-        thresholds["flag_fraction"] = flag_fraction
-        top = _top_fraction(combined, flag_fraction)
-        for name, s in scores.items():
-            fired.setdefault(name, np.zeros(n, bool))
-            fired[name] = fired[name] | (top & _top_fraction(s, flag_fraction))
-    flagged = np.zeros(n, dtype=bool)
-    for f in fired.values():
-        flagged |= f
-    if top is not None:
-        flagged |= top
-    cc_state = state.get("class_consistency", {})
-    reasons = _reasons(scores, fired, flagged, top, thresholds, cc_state, caption_class)
+            files = [(embeddings / "img_emb" / f"img_emb_{n}.npy", embeddings / "text_emb" / f"text_emb_{n}.npy",
+                      embeddings / "metadata" / f"metadata_{n}.parquet") for n in names]
+            for n, fs in zip(names, files):
+                missing = [str(f) for f in fs if not f.exists()]
+                if missing:
+                    raise ShardError(f"{n}.tar", f"no embeddings in {embeddings} (missing {missing[0]})")
+        import pyarrow.parquet as pq
 
-    df = pd.DataFrame({"key": cat["key"].to_numpy(), "shard": cat["shard"].to_numpy()})
-    for name, s in scores.items():
-        df[name] = s.astype(np.float32)
-    if cos is not None:
-        df["cosine"] = cos.astype(np.float32)
-    df["combined"] = combined.astype(np.float32)
-    df["flagged"] = flagged
-    df["reason"] = reasons
-    write_parquet_atomic(df, out / "scores.parquet")
+        has_url = any("url" in pq.read_schema(f[2]).names for f in files)
+        need_cc = "class_consistency" in detectors
+        dups, labels = _catalog_groups(names, catalog_parts, offsets, client, labels=need_cc and classes == "auto")
+        vocab = class_vocabulary(classes, labels) if need_cc else {}
+        kind = choose_kind(n_total, index_kind)
+        kinds = ["image"] + (["text"] if "caption_neighbours" in detectors else []) \
+            + (["joint"] if "density" in detectors else []) + (["union"] if "kdistance" in detectors else [])
+        index = {"kind": kind, "k": k, "vectors": n_total, "kinds": kinds}
+        if kind == "ivf":
+            nlist = max(1, min(int(round(4 * math.sqrt(n_total))), n_total // 39 or 1))
+            # kNN probes nprobe lists; the near-duplicate range search (cosine >= ~0.94) only
+            # range_nprobe: a copy that close sits in its original's cell or a neighbouring one.
+            index.update(nlist=nlist, nprobe=max(16, nlist // 128), range_nprobe=8, codec="SQ8",
+                         train=min(n_total, 40 * nlist), storage="on-disk inverted lists (faiss OnDiskInvertedLists)")
+        st = {"work": str(work), "out": str(out), "params_hash": phash, "seed": seed, "k": k,
+              "detectors": detectors, "combine": combine, "fit_sample": fit_sample, "temp_sample": min(50_000, fit_sample),
+              "calib_sample": min(20_000, fit_sample), "index": index, "offsets": offsets, "vocab": vocab, "has_url": has_url,
+              "shards": [{"name": n, "catalog": c, "img": str(f[0]), "txt": str(f[1]), "meta": str(f[2])}
+                         for n, c, f in zip(names, catalog_parts, files)]}
+        state = T.write_state(work / "state_prep.pkl", st)
+        phase(T.prepare_shard, "prepare", "prep")
 
-    summary = {"samples": n, "flagged": int(flagged.sum()), "fraction_flagged": float(flagged.mean()) if n else 0.0,
-               "thresholds": thresholds, "detectors": list(scores), "combine": combine,
-               "flagged_by": {k_: int(v.sum()) for k_, v in fired.items()}, "model": card.get("name"),
-               "embeddings": str(emb_dir), "index": {"kind": _kind_used(n, index_kind), "k": k},
-               "detector_state": {name: {k_: v for k_, v in st.items() if not k_.startswith("_")}
-                                  if isinstance(st, dict) else st for name, st in state.items()},
-               "params_hash": phash}
-    summary["warnings"] = scan_warnings(n, int(flagged.sum()))
-    if manifest:
-        summary["detection"] = _manifest_metrics(manifest, df, scores, combined, fired, flagged)
-    for name in names:
-        part = df[df["shard"] == f"{name}.tar"]
-        write_json_atomic(out / f"scan_{name}_stats.json",
-                          {"count": len(part), "flagged": int(part["flagged"].sum()), "params_hash": phash})
+        # ---- small global state, fitted on the client from the shards' samples
+        det_state: dict = {}
+        preps = [np.load(work / f"prep_{n}.npz") for n in names]
+        if need_cc:
+            if not vocab or sum(int(p["class_count"].sum()) for p in preps) == 0:
+                det_state.setdefault("skipped", {})["class_consistency"] = (
+                    "no caption names a class: give --classes (a vocabulary file, a comma list or 'openclipart')")
+            else:
+                from .detectors.class_consistency import EPS, fit_temperature
+
+                sums = np.sum([p["class_sum"] for p in preps], 0).astype(np.float32)
+                cnt = np.sum([p["class_count"] for p in preps], 0)
+                present = cnt >= 3
+                norms = np.linalg.norm(sums, axis=1, keepdims=True)
+                protos = np.where(present[:, None], sums / np.maximum(norms, EPS), 0.0).astype(np.float32)
+                if present.sum() < 2:
+                    det_state.setdefault("skipped", {})["class_consistency"] = \
+                        "fewer than 2 classes with 3 or more captions"
+                else:
+                    timg = np.concatenate([p["temp_img"] for p in preps]).astype(np.float32)
+                    tcls = np.concatenate([p["temp_cls"] for p in preps])
+                    temp = fit_temperature(timg, tcls, protos, present, seed=seed)
+                    names_c = list(vocab)
+                    st["class_consistency"] = {"prototypes": protos, "present": present, "temperature": temp,
+                                               "names": names_c}
+                    det_state["class_consistency"] = {
+                        "classes": [c for c, ok in zip(names_c, present) if ok], "temperature": temp,
+                        "captions_with_class": float(cnt.sum() / n_total) if n_total else 0.0}
+        del preps
+
+        # ---- indexes: trained once on a sample, filled per shard, merged on disk (IVF)
+        state = T.write_state(work / "state_index.pkl", st)
+        if kind == "ivf":
+            for kd in kinds:
+                if overwrite or not (work / f"{kd}.trained.json").exists():
+                    client.submit(T.train_index, state, kd, names, pure=False).result()
+                index["trained_on"] = json.loads((work / f"{kd}.trained.json").read_text())["trained_on"]
+            phase(T.fill_shard, "index", "fill")
+            for kd in kinds:
+                client.submit(T.merge_index, state, kd, names, pure=False).result()
+        else:
+            for kd in kinds[:2]:
+                client.submit(T.save_exact_index, state, kd, pure=False).result()
+        if "image_reuse" in detectors:
+            if n_total < 3:
+                det_state["image_reuse"] = {"radius": 0.94, "median_nn_cosine": None, "sampled": 0}
+            else:
+                c = client.submit(T.calibrate, state, names, pure=False).result()
+                med = c["median"]
+                r = None if med >= 0.98 else float(max(0.94, 1.0 - (1.0 - med) / 4.0))
+                det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": c["sampled"]}
+            st["image_reuse"] = det_state["image_reuse"]
+        if "kdistance" in detectors:
+            det_state["kdistance"] = {"method": "1 - cos of the image's k-th neighbour among all images and captions "
+                                                "(Huang et al. 2025)", "k": max(k, 16)}
+        st["dups"] = dups
+        st["detectors"] = tuple(d for d in detectors
+                                if d != "class_consistency" or "class_consistency" in st)
+        topk = int(round(flag_fraction * n_total)) if flag_fraction is not None else None
+        st["topk"] = topk
+        state = T.write_state(work / "state_raw.pkl", st)
+        phase(T.raw_shard, "detectors", "raw")
+        phase(T.sample_shard, "sample", "sample")
+
+        # ---- thresholds and references from the samples
+        used = st["detectors"]
+        samples = {d: [] for d in used}
+        tops: dict = {d: None for d in used} if flag_fraction is not None else {}
+        for n in names:
+            z = np.load(work / f"sample_{n}.npz")
+            for d in used:
+                samples[d].append(z[f"s_{d}"])
+                if flag_fraction is not None:
+                    tops[d] = _merge_top(tops[d], z[f"t_{d}"], topk)
+        samples = {d: np.concatenate(v) for d, v in samples.items()}
+        st["refs"] = {d: fit_reference(v, combine) for d, v in samples.items()}
+        thresholds: dict = {}
+        cos = 1.0 - samples["similarity"] if "similarity" in samples else None
+        if threshold is not None:
+            if threshold == "auto":
+                from .detectors.similarity import auto_threshold
+
+                fit = auto_threshold(cos, seed=seed)
+                thresholds["similarity_auto"] = fit
+                t = fit["threshold"]
+            else:
+                t = float(threshold)
+            thresholds["similarity"] = t
+        if threshold is not None and "class_consistency" in used:
+            thresholds["class_consistency"] = {"caption_class_prob_below": CLASS_MIN_PROB,
+                                               "image_top_class_prob_at_least": CLASS_TOP_PROB,
+                                               "caption_names_a_class": True}
+        if reuse_min == "auto":
+            reuse_min = int(np.median(samples["image_reuse"])) + 1 if "image_reuse" in samples and n_total else 1
+            thresholds["image_reuse_auto"] = True
+        if "image_reuse" in samples and reuse_min > 0:
+            thresholds["image_reuse"] = reuse_min
+            if cos is not None:
+                thresholds["image_reuse_cosine_below"] = float(np.median(cos))
+        boundaries = None
+        if flag_fraction is not None:
+            thresholds["flag_fraction"] = flag_fraction
+            boundaries = {d: _boundary(v) for d, v in tops.items()}
+        del samples, cos
+        st["thresholds"], st["boundaries"] = thresholds, boundaries
+        st["truth_keys"], st["n_truth"] = truth_keys, 0
+        if flag_fraction is not None:
+            state = T.write_state(work / "state_rank.pkl", st)
+            phase(T.rank_shard, "rank", "rank")
+            top_c = None
+            for n in names:
+                top_c = _merge_top(top_c, np.load(work / f"rank_{n}.npy"), topk)
+            boundaries["combined"] = _boundary(top_c)
+        if truth_keys is not None:
+            st["n_truth"] = int(len(truth_keys))
+        state = T.write_state(work / "state_final.pkl", st)
+        final = phase(T.final_shard, "flag", "final")
+        detection = _detection(st, names, work, final, client, phase) if truth_keys is not None else None
+
+    summary = _merge_outputs(out, names, final.results)
+    fired_names = list(dict.fromkeys(k_ for n in names for k_ in final.results[n]["flagged_by"]))
+    summary.update({
+        "thresholds": thresholds, "detectors": list(used), "combine": combine,
+        "flagged_by": {k_: int(sum(final.results[n]["flagged_by"].get(k_, 0) for n in names)) for k_ in fired_names},
+        "model": card.get("name") if card else None, "embeddings": str(embeddings),
+        "embeddings_layout": emb_layout, "index": {k_: v for k_, v in index.items() if k_ != "kinds"} | {"kinds": kinds},
+        "detector_state": det_state, "client_state": {"fit_sample": fit_sample, "hash_duplicate_rows": int(len(dups))},
+        "params_hash": phash})
+    summary["warnings"] = scan_warnings(summary["samples"], summary["flagged"])
+    if detection is not None:
+        summary["detection"] = detection
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+
+def _read_manifest(manifest) -> np.ndarray:
+    """The manifest's poisoned keys (sorted, unique); UsageError when it cannot be read."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(manifest)
+    except Exception as e:
+        raise UsageError(f"cannot read manifest {manifest}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if "key" not in schema.names:
+        raise UsageError(f"manifest {manifest} has no 'key' column")
+    keys = pq.read_table(manifest, columns=["key"]).column(0).to_numpy(zero_copy_only=False)
+    return np.unique(keys.astype(str)).astype(object)
+
+
+def _read_catalog_part(arg):
+    import pyarrow.parquet as pq
+
+    path, name, offset, labels = arg
+    df = pq.read_table(path, columns=["key", "sha256"] + (["label"] if labels else [])).to_pandas()
+    df["gid"] = np.arange(offset, offset + len(df), dtype=np.int64)
+    df["shard"] = f"{name}.tar"
+    return df
+
+
+def _catalog_groups(names, parts, offsets, client, labels: bool):
+    """Distributed group-bys over the catalog parts (dask.dataframe): a key in two shards raises
+    ShardError; returns the rows whose image hash appears more than once as a (gid, group)
+    structured array, and the label names (when `labels`)."""
+    import dask
+    import dask.dataframe as dd
+
+    with dask.config.set(scheduler=client):
+        meta = _read_catalog_part((parts[0], names[0], 0, labels)).iloc[:0]
+        ddf = dd.from_map(_read_catalog_part, [(p, n, int(o), labels) for p, n, o in zip(parts, names, offsets)],
+                          meta=meta)
+        kc = ddf.groupby("key").size()
+        hc = ddf.groupby("sha256").size()
+        multi = hc[hc > 1].rename("copies").reset_index()
+        todo = [kc[kc > 1].index.min(), (kc > 1).sum(), ddf.merge(multi, on="sha256")[["sha256", "gid"]]]
+        if labels:
+            todo.append(ddf["label"].dropna().unique())
+        res = dask.compute(*todo)
+        first_dup, n_dup, rows = res[0], int(res[1]), res[2]
+        if n_dup:
+            shards_with = sorted(ddf[ddf["key"] == first_dup]["shard"].compute())
+            raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first_dup)
+    rows = rows.sort_values(["sha256", "gid"], kind="stable")
+    dups = np.zeros(len(rows), dtype=[("gid", "i8"), ("group", "i8")])
+    dups["gid"] = rows["gid"].to_numpy()
+    dups["group"] = rows["sha256"].factorize()[0] if len(rows) else []
+    names_ = sorted(str(x) for x in res[3]) if labels else None
+    return dups, names_
+
+
+def _merge_top(current, new, k: int):
+    """The best `k` of two (value, gid) structured arrays by (value desc, gid asc)."""
+    both = new if current is None else np.concatenate([current, new])
+    order = np.lexsort((both["g"], -both["v"]))[:k]
+    return both[order]
+
+
+def _boundary(top) -> tuple[float, int] | None:
+    """The last (value, gid) of a merged top list, or None when it is empty."""
+    if top is None or len(top) == 0:
+        return None
+    return float(top["v"][-1]), int(top["g"][-1])
+
+
+def _detection(st, names, work, final, client, phase) -> dict:
+    """AUROC, precision@k and precision/recall per detector and combined, from per-shard counts
+    (exact, and without gathering N scores on the client)."""
+    from . import scan_tasks as T
+
+    cols = list(st["detectors"]) + ["combined"]
+    P = st["n_truth"]
+    pos: dict = {d: [] for d in cols}
+    tops: dict = {d: None for d in cols}
+    pos_gids, n_pos = [], 0
+    offsets = st["offsets"]
+    for i, n in enumerate(names):
+        z = np.load(work / f"truth_{n}.npz")
+        for d in cols:
+            pos[d].append(z[f"p_{d}"].astype(np.float32).astype(np.float64))
+            tops[d] = _merge_top(tops[d], z[f"t_{d}"], P)
+        pos_gids.append(offsets[i] + np.nonzero(z["truth"])[0])
+    pos_gids = np.concatenate(pos_gids)
+    n_pos = len(pos_gids)
+    n_total = int(offsets[-1])
+    st = dict(st, positives={d: np.sort(np.concatenate(v)) for d, v in pos.items()}, auc_columns=cols)
+    state = T.write_state(work / "state_auc.pkl", st)
+    tasks = [T.ShardTask(n, i, state) for i, n in enumerate(names)]
+    from .engine import map_shards
+
+    map_shards(T.auc_shard, tasks, is_done=lambda t: T.done_marker(work, "auc", t.name, st["params_hash"]),
+               client=client, desc="scan: metrics")
+    lt = {d: 0.0 for d in cols}
+    for n in names:
+        z = np.load(work / f"auc_{n}.npz")
+        for d in cols:
+            lt[d] += float(z[f"lt_{d}"].sum()) + 0.5 * float(z[f"eq_{d}"].sum())
+    out = {"poisoned": n_pos, "poisoned_in_manifest": P}
+    flagged_by = {k_: sum(final.results[n]["flagged_by"].get(k_, 0) for n in names) for k_ in cols}
+    tp_by = {k_: sum(final.results[n].get("tp_by", {}).get(k_, 0) for n in names) for k_ in cols}
+    tp_by["combined"] = sum(final.results[n].get("tp", 0) for n in names)
+    flagged_by["combined"] = sum(final.results[n]["flagged"] for n in names)
+    pos_set = set(pos_gids.tolist())
+    for d in cols:
+        m: dict = {"auroc": lt[d] / (n_pos * (n_total - n_pos)) if 0 < n_pos < n_total else None}
+        if n_pos:
+            m["precision_at_k"] = float(np.mean([g in pos_set for g in tops[d]["g"][:n_pos]]))
+        has_rule = d == "combined" or any(d in final.results[n]["flagged_by"] for n in names)
+        if has_rule:
+            m["flagged"] = int(flagged_by[d])
+            m["precision"] = float(tp_by[d] / flagged_by[d]) if flagged_by[d] else None
+            m["recall"] = float(tp_by[d] / n_pos) if n_pos else None
+        out[d] = m
+    return out
+
+
+def _merge_outputs(out: Path, names: list[str], results: dict) -> dict:
+    """Stream the shards' `scores_NAME.parquet` into `scores.parquet` and `index/ids.parquet`
+    (one row group per shard, temp + rename); returns the counts for the summary."""
+    import pyarrow.parquet as pq
+
+    (out / "index").mkdir(exist_ok=True)
+    targets = {"scores": out / "scores.parquet", "ids": out / "index" / "ids.parquet"}
+    writers: dict = {}
+    try:
+        for n in names:
+            t = pq.read_table(out / f"scores_{n}.parquet")
+            for what, path in targets.items():
+                tt = t if what == "scores" else t.select(["key", "shard"])
+                if what not in writers:
+                    writers[what] = pq.ParquetWriter(path.with_name(path.name + ".tmp"), tt.schema)
+                writers[what].write_table(tt)
+    finally:
+        for w in writers.values():
+            w.close()
+    for path in targets.values():
+        os.replace(path.with_name(path.name + ".tmp"), path)
+    n = sum(int(results[x]["count"]) for x in names)
+    f = sum(int(results[x]["flagged"]) for x in names)
+    return {"samples": n, "flagged": f, "fraction_flagged": float(f / n) if n else 0.0}
 
 
 def _kind_used(n: int, kind: str) -> str:
@@ -500,22 +810,8 @@ def _previous_scan(out: Path, names: list[str], phash: str) -> dict | None:
     return summary
 
 
-def _check_rows(meta, cat, names: list[str]) -> None:
-    """Embeddings must have one row per shard sample, same keys, same order."""
-    for n in names:
-        shard = f"{n}.tar"
-        e = meta.loc[meta["shard"] == shard, "key"].to_numpy()
-        c = cat.loc[cat["shard"] == shard, "key"].to_numpy()
-        if len(e) != len(c):
-            raise ShardError(shard, f"embeddings have {len(e)} rows but the shard has {len(c)} samples "
-                                    "(stale embeddings? re-run embed)")
-        bad = np.nonzero(e != c)[0]
-        if len(bad):
-            raise ShardError(shard, f"embedding row {bad[0]} is key {e[bad[0]]}, shard has {c[bad[0]]}",
-                             key=str(c[bad[0]]))
-
-
-def _reasons(scores, fired, flagged, top, thresholds, cc_state=None, caption_class=None) -> list[str]:
+def reasons_for(scores, fired, flagged, top, thresholds, cc_state=None, caption_class=None) -> list[str]:
+    """One reason string per row: every rule that fired with its value ("" when not flagged)."""
     n = len(flagged)
     out = [""] * n
     names = (cc_state or {}).get("_names", [])
@@ -544,20 +840,3 @@ def _reasons(scores, fired, flagged, top, thresholds, cc_state=None, caption_cla
             parts.append(f"combined rank in top {thresholds['flag_fraction']:.1%}")
         out[i] = "; ".join(parts)
     return out
-
-
-def _manifest_metrics(manifest, df, scores, combined, fired, flagged) -> dict:
-    import pandas as pd
-
-    try:
-        man = pd.read_parquet(manifest)
-    except Exception as e:
-        raise UsageError(f"cannot read manifest {manifest}: {e}") from None
-    if "key" not in man.columns:
-        raise UsageError(f"manifest {manifest} has no 'key' column")
-    truth = df["key"].isin(set(man["key"])).to_numpy()
-    res = {"poisoned": int(truth.sum()), "poisoned_in_manifest": int(len(man))}
-    for name, s in scores.items():
-        res[name] = detection_metrics(s, fired.get(name), truth)
-    res["combined"] = detection_metrics(combined, flagged, truth)
-    return res

@@ -37,7 +37,8 @@ TAR_MODE = 0o644
 
 
 def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand a shard spec into an ordered list of existing `.tar` paths.
+    """Expand a shard spec into an ordered list of existing `.tar` paths, made absolute (so Dask
+    workers started in another working directory can open them).
 
     `spec` is a directory (its `*.tar`, sorted), a single `.tar`, a brace pattern
     (`data/{00000..00009}.tar`), a glob, or a list of any of these.
@@ -48,6 +49,10 @@ def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list
         for item in spec:
             out.extend(expand_shards(item))
         return out
+    return [p.absolute() for p in _expand(spec)]
+
+
+def _expand(spec: str | os.PathLike) -> list[Path]:
     text = os.fspath(spec)
     path = Path(text)
     if "{" in text:

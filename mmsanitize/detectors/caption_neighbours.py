@@ -13,26 +13,38 @@ from __future__ import annotations
 import numpy as np
 
 
+def agreement(mine: np.ndarray, queries: np.ndarray, rows: np.ndarray, index, fetch, k: int) -> np.ndarray:
+    """Median cosine between `mine[i]` and `fetch(j)` for j in the k nearest of `queries[i]` in
+    `index`, skipping the pair's own row `rows[i]` (global ids); 1.0 where no neighbour exists.
+
+    `fetch(ids)` returns the rows of the searched modality's partner vectors (ids ≥ 0), so a
+    shard's rows can be scored against a dataset-wide index.
+    """
+    _, ids = index.knn(np.asarray(queries, np.float32), k + 1)
+    rows = np.asarray(rows)[:, None]
+    # drop self (wherever it appears) and keep k neighbours
+    ids = np.where(ids == rows, -1, ids)
+    valid = ids >= 0
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(ids, order, 1)
+    valid = ids >= 0
+    mine = np.asarray(mine, np.float32)
+    flat = np.where(valid, ids, 0).ravel()
+    neigh = np.asarray(fetch(flat), np.float32).reshape(ids.shape + (mine.shape[1],))
+    cos = np.einsum("bd,bkd->bk", mine, neigh)
+    cos = np.where(valid, cos, np.nan)
+    med = np.median(cos, axis=1) if valid.all() else np.nanmedian(cos, axis=1)
+    return np.nan_to_num(med, nan=1.0).astype(np.float32)
+
+
 def _cross_agreement(own: np.ndarray, other: np.ndarray, index, k: int, block: int) -> np.ndarray:
     """Median cosine between `own[i]` and `own[j]` for j in the k nearest of `other[i]` (self excluded)."""
     n = len(own)
     out = np.zeros(n, dtype=np.float32)
     for a in range(0, n, block):
-        q = np.asarray(other[a:a + block], np.float32)
-        _, ids = index.knn(q, k + 1)
-        rows = np.arange(a, a + len(q))[:, None]
-        # drop self (wherever it appears) and keep k neighbours
-        ids = np.where(ids == rows, -1, ids)
-        valid = ids >= 0
-        order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(ids, order, 1)
-        valid = ids >= 0
-        mine = np.asarray(own[a:a + len(q)], np.float32)
-        neigh = np.asarray(own[np.where(valid, ids, 0)], np.float32)
-        cos = np.einsum("bd,bkd->bk", mine, neigh)
-        cos = np.where(valid, cos, np.nan)
-        med = np.median(cos, axis=1) if valid.all() else np.nanmedian(cos, axis=1)
-        out[a:a + len(q)] = np.nan_to_num(med, nan=1.0)
+        q = other[a:a + block]
+        out[a:a + len(q)] = agreement(own[a:a + len(q)], q, np.arange(a, a + len(q)), index,
+                                      lambda ids: own[ids], k)
     return out
 
 

@@ -18,6 +18,26 @@ def joint(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
             / np.float32(np.sqrt(2.0)))
 
 
+def kdist_block(queries: np.ndarray, rows: np.ndarray, *, index, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-distance (1 − cos of the k-th neighbour, self skipped) and the k neighbour ids of each
+    query whose own row in `index` is `rows` (global ids); a missing neighbour counts as self."""
+    sims, ids = index.knn(np.asarray(queries, np.float32), k + 1)
+    rows = np.asarray(rows)[:, None]
+    is_self = ids == rows
+    # remove self if present, else drop the last column
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(ids, order, 1)
+    sims = np.take_along_axis(sims, order, 1)
+    ids = np.where(ids < 0, rows, ids)
+    return np.maximum(1.0 - sims[:, -1], 0.0).astype(np.float32), ids
+
+
+def lof(kdist: np.ndarray, neighbour_kdist: np.ndarray) -> np.ndarray:
+    """kdist(i) / mean(kdist of i's neighbours), float32; `neighbour_kdist` is (N, k)."""
+    eps = np.float32(1e-6)
+    return ((kdist + eps) / (neighbour_kdist.mean(axis=1) + eps)).astype(np.float32)
+
+
 def score(vectors: np.ndarray, *, index, k: int = 10, block: int = 1024) -> np.ndarray:
     """Simplified LOF over `vectors` (the rows indexed by `index`), float32 (N,).
 
@@ -28,19 +48,20 @@ def score(vectors: np.ndarray, *, index, k: int = 10, block: int = 1024) -> np.n
     kdist = np.zeros(n, dtype=np.float32)
     neigh = np.zeros((n, k), dtype=np.int64)
     for a in range(0, n, block):
-        q = np.asarray(vectors[a:a + block], np.float32)
-        sims, ids = index.knn(q, k + 1)
-        rows = np.arange(a, a + len(q))[:, None]
-        is_self = ids == rows
-        # remove self if present, else drop the last column
-        order = np.argsort(is_self, axis=1, kind="stable")[:, :k]
-        ids = np.take_along_axis(ids, order, 1)
-        sims = np.take_along_axis(sims, order, 1)
-        ids = np.where(ids < 0, rows, ids)
-        neigh[a:a + len(q)] = ids
-        kdist[a:a + len(q)] = np.maximum(1.0 - sims[:, -1], 0.0)
-    eps = np.float32(1e-6)
-    return ((kdist + eps) / (kdist[neigh].mean(axis=1) + eps)).astype(np.float32)
+        q = vectors[a:a + block]
+        kdist[a:a + len(q)], neigh[a:a + len(q)] = kdist_block(q, np.arange(a, a + len(q)), index=index, k=k)
+    return lof(kdist, kdist[neigh])
+
+
+def kdistance_block(queries: np.ndarray, rows: np.ndarray, n: int, *, index, k: int) -> np.ndarray:
+    """`kdistance` for image `queries` whose global rows are `rows` in a union index of `n` images
+    then `n` captions (self and the pair's own caption skipped)."""
+    sims, ids = index.knn(np.asarray(queries, np.float32), k + 2)
+    rows = np.asarray(rows)[:, None]
+    own = (ids == rows) | (ids == rows + n)
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]
+    sims = np.take_along_axis(sims, order, 1)
+    return np.maximum(1.0 - sims[:, -1], 0.0).astype(np.float32)
 
 
 def kdistance(img: np.ndarray, txt: np.ndarray, *, index, k: int = 16, block: int = 1024) -> np.ndarray:
@@ -55,11 +76,6 @@ def kdistance(img: np.ndarray, txt: np.ndarray, *, index, k: int = 16, block: in
     k = max(1, min(k, 2 * n - 2))
     out = np.zeros(n, dtype=np.float32)
     for a in range(0, n, block):
-        q = np.asarray(img[a:a + block], np.float32)
-        sims, ids = index.knn(q, k + 2)
-        rows = np.arange(a, a + len(q))[:, None]
-        own = (ids == rows) | (ids == rows + n)
-        order = np.argsort(own, axis=1, kind="stable")[:, :k]
-        sims = np.take_along_axis(sims, order, 1)
-        out[a:a + len(q)] = np.maximum(1.0 - sims[:, -1], 0.0)
+        q = img[a:a + block]
+        out[a:a + len(q)] = kdistance_block(q, np.arange(a, a + len(q)), n, index=index, k=k)
     return out

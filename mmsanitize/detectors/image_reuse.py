@@ -64,29 +64,49 @@ def score(
             pairs_a.append(q[keep])
             pairs_b.append(ids[keep])
     if sha256 is not None:
-        codes = np.unique(np.asarray(sha256), return_inverse=True)[1].ravel()
-        order = np.argsort(codes, kind="stable")
-        sorted_codes = codes[order]
-        starts = np.r_[0, np.nonzero(np.diff(sorted_codes))[0] + 1]
-        sizes = np.diff(np.r_[starts, n])
-        for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            members = order[s:s + size]
-            a, b = np.meshgrid(members, members, indexing="ij")
-            m = a != b
-            pairs_a.append(a[m])
-            pairs_b.append(b[m])
+        a, b = hash_pairs(sha256)
+        pairs_a.append(a)
+        pairs_b.append(b)
     if not pairs_a:
         return out
-    a = np.concatenate(pairs_a)
-    b = np.concatenate(pairs_b)
+    return count_different(np.concatenate(pairs_a), np.concatenate(pairs_b), n, 0,
+                           lambda ids: txt[ids], None if captions is None else (lambda ids: np.asarray(captions, dtype=object)[ids]),
+                           caption_radius)
+
+
+def hash_pairs(sha256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every ordered pair (a, b), a != b, of rows with equal `sha256`."""
+    sha256 = np.asarray(sha256)
+    n = len(sha256)
+    pairs_a, pairs_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    codes = np.unique(sha256, return_inverse=True)[1].ravel()
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    starts = np.r_[0, np.nonzero(np.diff(sorted_codes))[0] + 1] if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = order[s:s + size]
+        a, b = np.meshgrid(members, members, indexing="ij")
+        m = a != b
+        pairs_a.append(a[m])
+        pairs_b.append(b[m])
+    return np.concatenate(pairs_a).astype(np.int64), np.concatenate(pairs_b).astype(np.int64)
+
+
+def count_different(a: np.ndarray, b: np.ndarray, n: int, offset: int, text_of, caption_of=None,
+                    caption_radius: float = 0.94) -> np.ndarray:
+    """For rows `offset .. offset + n` (global ids), the number of distinct partners b among the
+    pairs (a, b) whose caption differs: text cosine < `caption_radius` and, given `caption_of`,
+    unequal caption strings. `text_of(ids)` / `caption_of(ids)` return those rows' text
+    embeddings / captions, so partners may live in other shards. Returns float32 (n,)."""
+    out = np.zeros(n, dtype=np.float32)
     if len(a) == 0:
         return out
-    ab = np.unique(np.stack([a, b], 1), axis=0)
+    ab = np.unique(np.stack([np.asarray(a, np.int64), np.asarray(b, np.int64)], 1), axis=0)
     a, b = ab[:, 0], ab[:, 1]
-    tcos = np.einsum("ij,ij->i", np.asarray(txt[a], np.float32), np.asarray(txt[b], np.float32))
+    tcos = np.einsum("ij,ij->i", np.asarray(text_of(a), np.float32), np.asarray(text_of(b), np.float32))
     different = tcos < caption_radius
-    if captions is not None:
-        caps = np.asarray(captions, dtype=object)
-        different &= caps[a] != caps[b]
-    np.add.at(out, a[different], 1.0)
+    if caption_of is not None:
+        different &= np.asarray(caption_of(a), dtype=object) != np.asarray(caption_of(b), dtype=object)
+    np.add.at(out, a[different] - offset, 1.0)
     return out

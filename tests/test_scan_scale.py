@@ -1,0 +1,268 @@
+"""scan as a per-shard pipeline: kill + resume, bounded client memory, clip-retrieval embeddings
+folders, near-duplicate reuse on perturbed copies, and an external cluster with relative paths."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_dataset
+from mmsanitize.cli import main
+from mmsanitize.shards import iter_samples
+from test_scan import _error
+
+ENV = dict(os.environ, MMSANITIZE_PROGRESS="0", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+
+def _unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def thumbnail_embeddings(data: Path, out: Path, d_text: int = 256) -> None:
+    """A real, simple encoder written in our embed layout: the image as a 16x16 grey thumbnail minus
+    its mean (re-encoded and resized copies stay close, other images do not), the caption as a
+    seeded random projection of its words. Deterministic."""
+    from PIL import Image
+
+    vocab_rng = {}
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for tar in sorted(data.glob("*.tar")):
+        img, txt, rows = [], [], []
+        for i, s in enumerate(iter_samples(tar)):
+            with Image.open(io.BytesIO(s.image)) as im:
+                a = np.asarray(im.convert("L").resize((16, 16), Image.BILINEAR), np.float32).ravel()
+            img.append(a - a.mean() + 1e-3)
+            v = np.zeros(d_text, np.float32)
+            for w in s.caption.lower().split():
+                if w not in vocab_rng:
+                    seed = int.from_bytes(hashlib.sha256(w.encode()).digest()[:8], "little")
+                    vocab_rng[w] = np.random.default_rng(seed).normal(size=d_text).astype(np.float32)
+                v += vocab_rng[w]
+            txt.append(v)
+            rows.append({"key": s.key, "caption": s.caption, "row": i, "shard": tar.name})
+        np.save(out / "img_emb" / f"img_emb_{tar.stem}.npy", _unit(img).astype(np.float16))
+        np.save(out / "text_emb" / f"text_emb_{tar.stem}.npy", _unit(txt).astype(np.float16))
+        pd.DataFrame(rows).to_parquet(out / "metadata" / f"metadata_{tar.stem}.parquet")
+    (out / "model.json").write_text(json.dumps({"name": "thumbnail-16x16"}))
+
+
+def _scan_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mmsanitize", "scan", *map(str, args)], env=ENV, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_scan_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path):
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=40, per_shard=10)
+    emb = tmp_path / "emb"
+    thumbnail_embeddings(data, emb)
+    args = [data, "--embeddings", emb, "--threshold", "auto", "--flag-fraction", "0.05", "--workers", "1",
+            "--detectors", "similarity,class_consistency,image_reuse,caption_neighbours,density"]
+    ref = _scan_cli(*args, "--out", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "scan"
+    proc = subprocess.Popen([sys.executable, "-m", "mmsanitize", "scan", *map(str, args), "--out", str(out)],
+                            env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(out.glob("scan_*_stats.json"))) < 3:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("scores_*.parquet")}
+    done = list(out.glob("scan_*_stats.json"))
+    assert 3 <= len(done) < 40, "the kill should land while shards are being flagged"
+    assert not (out / "summary.json").exists() and not (out / "scores.parquet").exists()
+    resumed = _scan_cli(*args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    for p in done:  # shards whose marker was written were not recomputed
+        name = p.name.replace("scan_", "scores_").replace("_stats.json", ".parquet")
+        assert (out / name).stat().st_mtime_ns == finished[name]
+    for f in ["scores.parquet", "summary.json", "index/ids.parquet"] + [f"scores_{i:05d}.parquet" for i in range(40)]:
+        assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_client_never_holds_an_n_row_embedding_matrix(tmp_path, dask_address):
+    """10,000 pairs of 2048-d embeddings (82 MB per N x D float32 matrix) scanned with a client
+    sample budget of 500 values: the client's traced peak (Python + numpy allocations, modules
+    imported beforehand) stays far below one such matrix."""
+    import dask.dataframe  # noqa: F401  (imports are not the client's data: load them before tracing)
+    import distributed  # noqa: F401
+    import faiss  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import scipy.stats  # noqa: F401
+    import sklearn.mixture  # noqa: F401
+
+    from mmsanitize.scan import scan
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=20, per_shard=500)
+    emb = tmp_path / "emb"
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (emb / sub).mkdir(parents=True)
+    d = 2048
+    for tar in sorted(data.glob("*.tar")):
+        keys = [s.key for s in iter_samples(tar)]
+        img = _unit(rng.normal(size=(len(keys), d)))
+        txt = _unit(img + rng.normal(size=img.shape) * 0.05)
+        np.save(emb / "img_emb" / f"img_emb_{tar.stem}.npy", img.astype(np.float16))
+        np.save(emb / "text_emb" / f"text_emb_{tar.stem}.npy", txt.astype(np.float16))
+        pd.DataFrame({"key": keys}).to_parquet(emb / "metadata" / f"metadata_{tar.stem}.parquet")
+    (emb / "model.json").write_text(json.dumps({"name": "random-1024"}))
+    n_bytes = 10_000 * d * 4
+    tracemalloc.start()
+    try:
+        s = scan(data, out=tmp_path / "scan", embeddings=emb, threshold="auto", scheduler=dask_address,
+                 fit_sample=500, detectors=("similarity", "class_consistency", "image_reuse"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert s["samples"] == 10_000 and s["client_state"]["fit_sample"] == 500
+    assert peak < n_bytes / 4, f"client peak {peak / 1e6:.1f} MB vs {n_bytes / 1e6:.0f} MB for one N x D matrix"
+    df = pd.read_parquet(tmp_path / "scan" / "scores.parquet", columns=["key", "caption", "combined"])
+    assert len(df) == 10_000 and df["caption"].str.startswith("a photo of").all()
+
+
+def _clip_folder(emb: Path, out: Path, *, drop: str | None = None, extra: bool = False) -> None:
+    """Rewrite our embed output as clip-retrieval writes it: parts numbered 0, 1, 2 that cut across
+    shards, rows shuffled, metadata with image_path / caption / url, no model.json."""
+    rng = np.random.default_rng(1)
+    metas = [pd.read_parquet(p) for p in sorted((emb / "metadata").glob("*.parquet"))]
+    names = [p.stem.split("_")[1] for p in sorted((emb / "metadata").glob("*.parquet"))]
+    meta = pd.concat(metas, ignore_index=True)
+    img = np.concatenate([np.load(emb / "img_emb" / f"img_emb_{n}.npy") for n in names])
+    txt = np.concatenate([np.load(emb / "text_emb" / f"text_emb_{n}.npy") for n in names])
+    order = rng.permutation(len(meta))
+    if drop is not None:
+        order = order[meta["key"].to_numpy()[order] != drop]
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for part, rows in enumerate(np.array_split(order, 3)):
+        m = pd.DataFrame({"image_path": [f"{meta['shard'][r][:-4]}/{meta['key'][r]}.jpg" for r in rows],
+                          "caption": meta["caption"].to_numpy()[rows],
+                          "url": [f"http://127.0.0.1/{meta['key'][r]}.jpg" for r in rows]})
+        i, t = img[rows], txt[rows]
+        if extra and part == 2:
+            m = pd.concat([m, pd.DataFrame({"image_path": ["99999/zz_not_in_any_shard.jpg"], "caption": ["x"],
+                                            "url": ["http://127.0.0.1/x.jpg"]})], ignore_index=True)
+            i, t = np.concatenate([i, i[:1]]), np.concatenate([t, t[:1]])
+        np.save(out / "img_emb" / f"img_emb_{part}.npy", i)
+        np.save(out / "text_emb" / f"text_emb_{part}.npy", t)
+        m.to_parquet(out / "metadata" / f"metadata_{part}.parquet")
+
+
+@pytest.mark.slow
+def test_clip_retrieval_folder_gives_the_same_scores_as_our_embeddings(tmp_path, dask_address, capsys):
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=3, per_shard=30)
+    emb = tmp_path / "emb"
+    thumbnail_embeddings(data, emb)
+    clip = tmp_path / "clip"
+    _clip_folder(emb, clip)
+    opts = ["--threshold", "auto", "--flag-fraction", "0.05", "--scheduler", dask_address,
+            "--detectors", "similarity,class_consistency,image_reuse,caption_neighbours"]
+    main(["scan", str(data), "--embeddings", str(emb), "--out", str(tmp_path / "a"), *opts])
+    main(["scan", str(data), "--embeddings", str(clip), "--out", str(tmp_path / "b"), *opts])
+    a = pd.read_parquet(tmp_path / "a" / "scores.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "scores.parquet")
+    assert "url" not in a.columns and list(b["url"]) == [f"http://127.0.0.1/{k}.jpg" for k in b["key"]]
+    pd.testing.assert_frame_equal(a, b.drop(columns="url"))
+    assert a["flagged"].sum() > 0
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert sb["embeddings_layout"] == "clip" and sb["model"] is None
+    # keys that disagree: one line naming the first missing / extra key, nothing written
+    _clip_folder(emb, tmp_path / "clip_missing", drop="000010005")
+    err = _error(capsys, ["scan", str(data), "--embeddings", str(tmp_path / "clip_missing"),
+                          "--out", str(tmp_path / "c"), *opts])
+    assert "key 000010005" in err and "00001.tar" in err and "no embedding" in err
+    assert not (tmp_path / "c" / "scores.parquet").exists()
+    _clip_folder(emb, tmp_path / "clip_extra", extra=True)
+    err = _error(capsys, ["scan", str(data), "--embeddings", str(tmp_path / "clip_extra"),
+                          "--out", str(tmp_path / "d"), *opts])
+    assert "zz_not_in_any_shard" in err and "metadata_2.parquet" in err
+    # our embed output names image_path like clip-retrieval (the key)
+    main(["embed", str(data), "--model", "tiny", "--out", str(tmp_path / "tiny"), "--scheduler", dask_address])
+    meta = pd.read_parquet(tmp_path / "tiny" / "metadata" / "metadata_00000.parquet")
+    assert list(meta["image_path"]) == list(meta["key"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("perturb", ["reencode", "resize"])
+def test_near_duplicate_copies_count_as_one_image(tmp_path, dask_address, perturb):
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=3, per_shard=40)
+    poisoned = tmp_path / "poisoned"
+    main(["poison", str(data), "--attack", "single-image", "--goal", "dog2boat", "--perturb", perturb,
+          "--out", str(poisoned), "--scheduler", dask_address])
+    man = pd.read_parquet(poisoned / "manifest.parquet")
+    images = {s.key: s.image for p in sorted(poisoned.glob("*.tar")) for s in iter_samples(p)}
+    copies = [images[k] for k in man["key"]]
+    assert len(set(copies)) == len(copies)  # no two copies share bytes: exact hashes cannot see them
+    emb = tmp_path / "emb"
+    thumbnail_embeddings(poisoned, emb)
+    out = tmp_path / "scan"
+    main(["scan", str(poisoned), "--embeddings", str(emb), "--detectors", "similarity,image_reuse",
+          "--threshold", "-1", "--manifest", str(poisoned / "manifest.parquet"), "--out", str(out),
+          "--scheduler", dask_address])
+    df = pd.read_parquet(out / "scores.parquet")
+    s = json.loads((out / "summary.json").read_text())
+    poison = df["key"].isin(set(man["key"]))
+    original = df["key"] == man["image_source_key"].iloc[0]
+    # every copy is found with at least half of the other copies; clean pairs share no image
+    assert (df.loc[poison, "image_reuse"] >= len(man) // 2).all()
+    assert (df.loc[~poison & ~original, "image_reuse"] == 0).mean() >= 0.99
+    assert s["detection"]["image_reuse"]["auroc"] >= 0.99
+    assert s["detector_state"]["image_reuse"]["radius"] == pytest.approx(0.94)
+
+
+@pytest.mark.slow
+def test_external_cluster_with_relative_paths(tmp_path, dask_address):
+    from test_engine import dask_cli, free_port, wait_for_workers
+
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=3, per_shard=20)
+    thumbnail_embeddings(data, tmp_path / "emb")
+    opts = ["--threshold", "auto", "--flag-fraction", "0.05", "--detectors",
+            "similarity,class_consistency,image_reuse,caption_neighbours"]
+    main(["scan", str(data), "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "local"),
+          "--scheduler", dask_address, *opts])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**ENV, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    procs = [subprocess.Popen([dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0"], cwd=elsewhere, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen([dask_cli(), "worker", address, "--nthreads", "1", "--no-dashboard",
+                                           "--host", "127.0.0.1"], cwd=elsewhere, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_for_workers(address, 2)
+        r = _scan_cli("data", "--embeddings", "emb", "--out", "remote", "--scheduler", address, *opts, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    assert (tmp_path / "remote" / "scores.parquet").read_bytes() == (tmp_path / "local" / "scores.parquet").read_bytes()
+    assert not list(elsewhere.iterdir())  # workers wrote nothing relative to their own directory
