@@ -639,6 +639,9 @@ def scan(
     if detection is not None:
         summary["detection"] = detection
     write_json_atomic(out / "summary.json", summary)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # scratch of a finished scan (state pickles name this run's paths)
     return summary
 
 
