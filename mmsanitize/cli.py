@@ -626,14 +626,16 @@ EXIT_INTERNAL = 3  # a bug: one line + the path of a log file holding the traceb
 @click.option("--shards", default=None, help="The scanned shards (thumbnails, URLs, shared-image groups).")
 @click.option("--manifest", default=None, type=click.Path(dir_okay=False), help="Poison manifest: ROC curves and a poisoned mark.")
 @click.option("--top", type=int, default=100, show_default=True, help="Flagged pairs shown in the gallery.")
-def report(scan_dir, runs, out, shards, manifest, top):
+@click.option("--verify", "verify_dir", default=None, type=click.Path(file_okay=False),
+              help="A mmsanitize verify folder: adds the split-view section (changed and gone URLs).")
+def report(scan_dir, runs, out, shards, manifest, top, verify_dir):
     """One self-contained HTML page of a scan and of evaluate runs (RUNS: metrics .json files or folders).
 
     Example: mmsanitize report runs/p-scan/ runs/p-metrics.json --shards runs/p/ --manifest runs/p/manifest.parquet --out report.html
     """
     from .report import build_report
 
-    r = build_report(scan_dir, runs, out=out, shards=shards, manifest=manifest, top=top)
+    r = build_report(scan_dir, runs, out=out, shards=shards, manifest=manifest, top=top, verify=verify_dir)
     click.echo(f"{r['shown']} of {r['flagged']:,} flagged pairs on the page ({r['images']} thumbnails, "
                f"{r['groups']} shared-image groups, {r['runs']} runs) -> {r['html']}; all flagged: {r['csv']}")
 

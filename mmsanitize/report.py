@@ -439,6 +439,7 @@ def build_report(
     top: int = 100,
     groups: int = 20,
     title: str | None = None,
+    verify: str | os.PathLike | None = None,
 ) -> dict:
     """Write the HTML report of `scan_dir` (and evaluate `runs`) to `out`, and every flagged pair
     to `<out stem>_flagged.csv` beside it; return {"html", "csv", "flagged", "shown", "images"}.
@@ -446,7 +447,8 @@ def build_report(
     `shards`: the scanned shards (thumbnails, URLs, image hashes for the shared-image gallery;
     default: `summary["shards"]` when the scan recorded it); `manifest`: poison manifest (truth
     for ROC curves and the "poisoned" column); `top`: pairs in the gallery; `groups`: shared-image
-    groups shown.
+    groups shown; `verify`: a `mmsanitize verify` folder, shown as the split-view section (counts
+    by status and the samples whose URL now serves other bytes or is gone).
     """
     import jinja2
 
@@ -474,6 +476,9 @@ def build_report(
     groups_df = _shared_image_groups(df, groups)
     firsts = groups_df.drop_duplicates("sha256")
     wanted = {(r.shard, r.key) for r in gallery.itertuples()} | {(r.shard, r.key) for r in firsts.itertuples()}
+    split_view = read_verify(verify, top) if verify is not None else None
+    if split_view is not None:
+        wanted |= {(r["shard"], r["key"]) for r in split_view["rows"]}
     samples = read_samples(paths, wanted) if paths else {}
     thumbs = {k: thumbnail_uri(v["image"]) for k, v in samples.items()}
 
@@ -530,6 +535,9 @@ def build_report(
         "epoch_figure": figure_uri(epoch_fig) if epoch_fig is not None else None,
         "rate_figure": figure_uri(rate_figure(rates)) if rates else None,
         "runs": [{"label": r.label, "source": r.source} for r in run_list],
+        "split_view": None if split_view is None else {
+            "counts": _table([split_view["counts"]]), "total": split_view["total"], "shown": len(split_view["rows"]),
+            "rows": [{**r, "thumb": thumbs.get((r["shard"], r["key"]))} for r in split_view["rows"]]},
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("mmsanitize", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), trim_blocks=True, lstrip_blocks=True)
@@ -537,6 +545,28 @@ def build_report(
     _atomic_write_bytes(out, html.encode("utf-8"))
     return {"html": str(out), "csv": str(csv_path), "flagged": len(flagged), "shown": len(gallery),
             "images": sum(1 for v in thumbs.values() if v), "groups": len(ctx["groups"]), "runs": len(run_list)}
+
+
+def read_verify(verify_dir: str | os.PathLike, top: int) -> dict:
+    """A verify folder for the report: counts by status, and the first `top` samples that are not
+    unchanged (changed first, then gone, error, unverifiable; by shard and key)."""
+    import pandas as pd
+
+    from .verify import STATUSES
+
+    path = Path(verify_dir) / "verify.parquet"
+    try:
+        df = pd.read_parquet(path, columns=["key", "shard", "url", "status", "http_status"])
+    except Exception as e:  # noqa: BLE001 - a missing or unreadable file is a bad user folder
+        raise UsageError(f"{verify_dir} is not a verify folder ({path.name}: {type(e).__name__}; "
+                         "`mmsanitize verify SHARDS --out DIR` creates it)") from None
+    counts = {s: int((df["status"] == s).sum()) for s in STATUSES}
+    bad = df[df["status"] != "unchanged"].copy()
+    bad["_order"] = bad["status"].map({s: i for i, s in enumerate(STATUSES)})
+    bad = bad.sort_values(["_order", "shard", "key"], kind="stable").head(top)
+    rows = [{"key": r.key, "shard": r.shard, "url": r.url if isinstance(r.url, str) else None, "status": r.status,
+             "http": None if pd.isna(r.http_status) else int(r.http_status)} for r in bad.itertuples()]
+    return {"counts": counts, "total": int(len(df)), "rows": rows}
 
 
 def _shared_image_groups(df, limit: int):

@@ -115,6 +115,21 @@ def test_ingest_verify_sanitize_round_trip(site, tmp_path, dask_address, capsys)
     reasons = dict(zip(removed["key"], removed["reason"]))
     assert all("verify: changed" in reasons[k] for k in by_verify)
     assert all(reasons[k] and reasons[k] != "verify: changed" for k in by_scan - by_verify)
+    # the curator's page: the split-view section with the stored images of the changed/gone URLs
+    page = tmp_path / "report.html"
+    main(["report", str(scan), "--shards", str(web), "--verify", str(ver), "--out", str(page)])
+    html = page.read_text()
+    section = html[html.index("Split-view check"):]
+    changed_key = df.loc[df["status"] == "changed", "key"].item()
+    gone_key = df.loc[df["status"] == "gone", "key"].item()
+    assert section.index(changed_key) < section.index(gone_key)  # changed first
+    for key in df.loc[df["status"] == "unchanged", "key"]:
+        assert f"<td>{key}</td>" not in section
+    from browser import render
+
+    rendered = render(page)
+    assert rendered["broken"] == 0 and rendered["errors"] == 0 and not rendered["console"]
+    assert rendered["decoded"] == rendered["images"] and f'alt="{changed_key}"' in rendered["dom"]
 
 
 def test_verify_and_sanitize_bad_requests(tiny_dataset, tmp_path, dask_address, capsys):
