@@ -88,10 +88,23 @@ def zeroshot_probs(img_emb: np.ndarray, class_emb: np.ndarray, temperature: floa
         raise UsageError(f"image embeddings have dimension {img.shape[1]}, class embeddings {cls.shape[1]}")
     if len(cls) == 0:
         raise UsageError("zero-shot classification needs at least one class embedding")
-    logits = (img @ cls.T) / np.float32(temperature)
+    return class_softmax(img, cls, temperature).astype(np.float32)
+
+
+def class_softmax(emb: np.ndarray, class_emb: np.ndarray, temperature: float,
+                  present: np.ndarray | None = None) -> np.ndarray:
+    """softmax over classes of (emb · class_embᵀ) / `temperature`, (N, C) float64: the zero-shot
+    classifier shared by labelling (`zeroshot_probs`) and the class_consistency detector.
+
+    Inputs are used as given (callers pass unit vectors); classes where `present` is False get
+    probability 0."""
+    logits = (np.asarray(emb, np.float32) @ np.asarray(class_emb, np.float32).T / np.float32(temperature))
+    logits = logits.astype(np.float64)
+    if present is not None:
+        logits = np.where(np.asarray(present, bool)[None, :], logits, -np.inf)
     logits -= logits.max(axis=1, keepdims=True, initial=-np.inf)
     p = np.exp(logits)
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def zeroshot_predict(img_emb: np.ndarray, class_emb: np.ndarray,

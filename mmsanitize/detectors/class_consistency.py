@@ -42,18 +42,12 @@ def caption_prototypes(txt: np.ndarray, caption_class: np.ndarray, n_classes: in
     return protos, present
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def image_class_probs(img: np.ndarray, prototypes: np.ndarray, present: np.ndarray,
                       temperature: float) -> np.ndarray:
     """Zero-shot class distribution of each image over the present classes, (N, C) float64."""
-    logits = np.asarray(img, np.float32) @ prototypes.T / np.float32(temperature)
-    logits = np.where(present[None, :], logits.astype(np.float64), -np.inf)
-    return _softmax(logits)
+    from ..zeroshot import class_softmax
+
+    return class_softmax(img, prototypes, temperature, present)
 
 
 def caption_class_probs(txt: np.ndarray, caption_class: np.ndarray, prototypes: np.ndarray,
