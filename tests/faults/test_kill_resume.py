@@ -254,3 +254,28 @@ def test_killed_dask_worker_mid_task_is_rescheduled(embedded, tmp_path, monkeypa
     assert outcome == "ok", (outcome, stderr[-1500:], _diff(a, b)[:5])
     assert tree_digest(d) == before and not list(out.rglob("*.tmp"))
     assert pids[victim] not in client.run(os.getpid).values()  # the worker really died and was replaced
+
+
+@pytest.mark.slow
+def test_train_killed_between_its_checkpoint_and_its_state_resumes_from_the_state(tmp_path, monkeypatch):
+    """A SIGKILL can land after `train` replaced `--out`'s model files with epoch N+1 but before it
+    wrote `train_state.pt` for epoch N+1 (same as the state's epoch N). `--resume` must continue from
+    the epoch the state names (`epochs/00N/`), not from the newer weights: the result equals a straight run."""
+    import shutil
+
+    from mmsanitize.train import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = tmp_path / "data"
+    make_dataset(d, n_shards=1, per_shard=12, classes=["dog", "boat", "cat"])
+    kw = dict(model="tiny", epochs=3, batch_size=6, seed=5, workers=0, progress=False)
+    train(d, out=tmp_path / "ref", **kw)
+    out = tmp_path / "out"
+    train(d, out=out, max_steps=2, **kw)  # state and checkpoints of epoch 1 (2 steps an epoch)
+    for name in ("model.safetensors", "model.json"):  # the window: epoch 2's weights, epoch 1's state
+        shutil.copyfile(tmp_path / "ref" / "epochs" / "002" / name, out / name)
+    train(d, out=out, resume=True, **kw)
+    a, b = _train_outputs(tmp_path / "ref"), _train_outputs(out)
+    MATRIX.add("SIGKILL between epoch 2's checkpoint and its train_state, --resume", "train",
+               Run("ok" if a == b else "differs", 0, "", []))
+    assert a == b, _diff(a, b)[:5]
