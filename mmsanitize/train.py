@@ -152,8 +152,10 @@ def train(
         except Exception as e:  # noqa: BLE001 - a pickle needing code, junk bytes, wrong content
             raise UsageError(f"cannot --resume from {state_path}: not a plain train state "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        source = str(out)
         start_epoch, step = int(state["epoch"]), int(state["step"])
+        # the state's own epoch: a kill after the next epoch's checkpoint but before its state leaves newer weights in out/
+        epoch_dir = out / "epochs" / f"{start_epoch:03d}"
+        source = str(epoch_dir if (epoch_dir / "model.json").is_file() else out)
         hist = out / "history.jsonl"
         if hist.is_file():
             history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()][:start_epoch]
