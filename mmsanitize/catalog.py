@@ -89,6 +89,93 @@ def _part_done(task: CatalogTask) -> dict | None:
     return stats
 
 
+@dataclass(frozen=True)
+class CatalogParts:
+    """A built catalog on disk: one parquet part per shard (in shard order) and the sample count.
+
+    Read columns with `read_catalog(parts, columns)`; nothing here holds the table in memory."""
+
+    paths: tuple[Path, ...]
+    count: int
+    joined: Path
+
+
+def catalog_parts(
+    shards: str | os.PathLike | list,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> CatalogParts:
+    """Catalog a dataset (finished shards skipped: their fingerprint matches) and return its parts.
+
+    The client reads only the `key` and `shard` columns (as Arrow arrays) to refuse a key that
+    appears in two shards, and writes the joined table `<cache>/catalog.parquet` part by part when
+    it is missing or older than a part. Raises ShardError on bad samples and duplicate keys,
+    EngineError when shards fail.
+    """
+    import pyarrow.compute as pc
+
+    paths = expand_shards(shards)
+    part_dir = Path(cache_dir) if cache_dir else catalog_dir(paths)
+    names = [shard_stem(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
+    tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
+    run = map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
+                     retries=retries, desc="catalog")
+    parts = tuple(part_dir / f"{t.name}.parquet" for t in tasks)
+    keys = _read_table(parts, ["key"]).column("key")
+    if len(pc.unique(keys)) != len(keys):
+        df = read_catalog(parts, ["key", "shard"])
+        first = df[df["key"].duplicated(keep=False)].iloc[0]
+        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
+        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
+    joined = part_dir / "catalog.parquet"
+    if not joined.exists() or joined.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in parts):
+        _write_joined(parts, joined)
+    return CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined)
+
+
+def _read_table(parts, columns=None):
+    """The parts' rows (in order) as one Arrow table with a common schema (a part whose column is
+    all None has Arrow type null there; it is cast to the type the other parts have)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in (columns or COLUMNS)})
+    schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def _write_joined(parts, path: Path) -> None:
+    """Write the parts as one parquet file, one part in memory at a time (atomic rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .shards import atomic_path
+
+    schemas = [pq.read_schema(p).remove_metadata() for p in parts]
+    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
+    with atomic_path(path) as tmp:
+        if schema is None:
+            pq.write_table(_read_table(parts), tmp)
+            return
+        with pq.ParquetWriter(tmp, schema) as w:
+            for p in parts:
+                w.write_table(pq.read_table(p).replace_schema_metadata(None).cast(schema))
+
+
+def read_catalog(parts: "CatalogParts | list", columns: list[str] | None = None):
+    """The catalog's rows (shard, then position order) as a pandas DataFrame with only `columns`
+    (all when None), read from the parts with pyarrow."""
+    paths = parts.paths if isinstance(parts, CatalogParts) else parts
+    return _read_table(paths, columns).to_pandas()
+
+
 def build_catalog(
     shards: str | os.PathLike | list,
     *,
@@ -99,29 +186,11 @@ def build_catalog(
 ):
     """Catalog a dataset and return it as a pandas DataFrame (rows in shard, then position order).
 
-    Finished shards are skipped (their fingerprint matches); the joined table is also written to
-    `<cache>/catalog.parquet`. Raises ShardError on bad samples and on a key that appears in two
-    shards, EngineError when shards fail.
+    The whole table, every column: planning steps that need a few columns use `catalog_parts`
+    and `read_catalog` instead. Raises as `catalog_parts`.
     """
-    import pandas as pd
-
-    paths = expand_shards(shards)
-    part_dir = Path(cache_dir) if cache_dir else catalog_dir(paths)
-    names = [shard_stem(p) for p in paths]
-    if len(set(names)) != len(names):
-        raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
-    tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
-    map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
-               retries=retries, desc="catalog")
-    parts = [pd.read_parquet(part_dir / f"{t.name}.parquet") for t in tasks]
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
-    dup = df["key"].duplicated(keep=False)
-    if dup.any():
-        first = df[dup].iloc[0]
-        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
-        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
-    write_parquet_atomic(df, part_dir / "catalog.parquet")
-    return df
+    return read_catalog(catalog_parts(shards, scheduler=scheduler, workers=workers, retries=retries,
+                                      cache_dir=cache_dir))
 
 
 def class_counts(df) -> "dict[str, int]":

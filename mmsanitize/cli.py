@@ -129,11 +129,10 @@ def catalog(shards, scheduler, workers):
 
     Example: mmsanitize catalog data/oca/train/
     """
-    from .catalog import build_catalog, catalog_dir
-    from .shards import expand_shards
+    from .catalog import catalog_parts
 
-    df = build_catalog(shards, scheduler=scheduler, workers=workers)
-    click.echo(f"{len(df):,} samples catalogued in {catalog_dir(expand_shards(shards)) / 'catalog.parquet'}")
+    parts = catalog_parts(shards, scheduler=scheduler, workers=workers)
+    click.echo(f"{parts.count:,} samples catalogued in {parts.joined}")
 
 
 @cli.command()

@@ -216,8 +216,10 @@ def poison_shard(task: PoisonTask) -> dict:
 
 
 def _shard_done(task: PoisonTask) -> dict | None:
-    from .shards import file_fingerprint, outputs_done
+    from .shards import file_fingerprint, outputs_done, read_stats
 
+    if read_stats(task.out_dir, task.name) is None:  # not written yet: no need to hash the input
+        return None
     stats = outputs_done(task.out_dir, task.name, input=file_fingerprint(task.src), spec=task.spec_hash)
     if stats is None:
         return None
@@ -319,6 +321,43 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+FINGERPRINT_COLUMNS = ["key", "shard", "sha256", "caption"]
+
+
+def catalog_hash(parts) -> str:
+    """`_hash` of the catalog's (key, shard, sha256, caption) rows as one list, computed one
+    catalog part at a time: the JSON text of a list is its items' texts joined by ", " in brackets."""
+    import pyarrow.parquet as pq
+
+    h = hashlib.sha256(b"[")
+    sep = b""
+    for path in parts.paths:
+        rows = pq.read_table(path, columns=FINGERPRINT_COLUMNS).select(FINGERPRINT_COLUMNS).to_pandas().values.tolist()
+        if rows:
+            h.update(sep + json.dumps(rows, sort_keys=True, default=str)[1:-1].encode())
+            sep = b", "
+    h.update(b"]")
+    return h.hexdigest()[:16]
+
+
+def plan_columns(attack: str, label_from: str, *, need_sha256: bool) -> list[str] | None:
+    """The catalog columns planning reads (None: all of them, for `column:NAME` naming a column
+    the catalog may not have, so that the error lists the columns)."""
+    from .catalog import COLUMNS
+
+    columns = ["key", "shard", "caption", "label"]  # label: `field`, and the class list of `keywords`
+    if attack in ("patch", "blended", "label-consistent"):
+        columns += ["width", "height"]  # trigger positions
+    if need_sha256:
+        columns.append("sha256")
+    if label_from.startswith("column:"):
+        name = label_from.split(":", 1)[1]
+        if name not in COLUMNS:
+            return None
+        columns.append(name)
+    return list(dict.fromkeys(columns))
+
+
 def _remove_pool_work(out_dir: Path, remove_out: bool) -> None:
     """Remove the image pool's work area (and `out_dir` itself when this run created it and it is empty)."""
     shutil.rmtree(out_dir / POOL_WORK, ignore_errors=True)
@@ -407,7 +446,7 @@ def poison_dataset(
     """
     from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
-    from .catalog import build_catalog
+    from .catalog import catalog_parts, read_catalog
     from .engine import dask_client, map_shards
     from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
 
@@ -463,7 +502,9 @@ def poison_dataset(
                       source_fraction=source_fraction, count=count, rate=rate, target_key=target_key,
                       trigger_size=int(trigger_size), trigger_position=trigger_position,
                       trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
-    catalog = build_catalog(paths, scheduler=scheduler, workers=workers, retries=retries)
+    parts = catalog_parts(paths, scheduler=scheduler, workers=workers, retries=retries)
+    catalog = read_catalog(parts, plan_columns(attack, label_from, need_sha256=bool(
+        images_from is not None or perturb is not None or is_zeroshot(label_from))))
     labelling = None
     if is_zeroshot(label_from):
         from .labels import attach_zeroshot, label_summary
@@ -492,7 +533,7 @@ def poison_dataset(
                  "label_from": label_from, "images_from": images_from, "perturb": perturb}
     if labelling is not None:
         spec_dict["labels"] = {"model": label_model, "margin": label_margin}
-    fingerprint = _hash(catalog[["key", "shard", "sha256", "caption"]].values.tolist())
+    fingerprint = catalog_hash(parts)
     full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
                        "pool": pool.info["fingerprint"] if pool else None})
     by_shard = plan.by_shard()
@@ -568,7 +609,7 @@ def poison_dataset(
         "mode": mode,
         "input": str(in_root.resolve()),
         "shards": [p.name for p in paths],
-        "counts": {"samples_in": int(len(catalog)), "samples_out": int(total_out),
+        "counts": {"samples_in": parts.count, "samples_out": int(total_out),
                    "poisoned": len(rows), "per_shard": {t.name + ".tar": len(t.edits) for t in tasks}},
         "goals": [{"goal": g, "poisoned": n, "rate": n / total_out} for g, n in per_goal.items()],
         "images_from": pool.info if pool else None,
