@@ -101,21 +101,22 @@ def sanitize(
 
         check_artifact(scan, "scan", paths, "--scan")
         try:
-            scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+            scanned, rows = _scan_flags(scores_path, full=verify is not None)
         except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
             raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
-        scanned = set(scores["shard"])
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
         if missing:
             raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
         if verify is not None:
-            scores = _merge_flags(scores, _verify_drops(verify, drop, names))
-    flagged = scores[scores["flagged"]]
+            rows = _merge_flags(rows, _verify_drops(verify, drop, names))
+        flagged = rows[rows["flagged"]]
+    else:
+        scanned = scores.groupby("shard").size().to_dict()
+        flagged = scores[scores["flagged"]]
     flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
     by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
-    totals = scores.groupby("shard").size().to_dict()
     for shard, keys in by_shard.items():
-        if len(keys) == totals.get(shard):
+        if len(keys) == scanned.get(shard):
             raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
     from .outputs import claim_out, input_bytes
 
@@ -138,6 +139,21 @@ def sanitize(
                        removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))
     write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
     return summary
+
+
+SCORE_COLUMNS = ["key", "shard", "combined", "flagged", "reason"]
+
+
+def _scan_flags(scores_path: Path, full: bool = False):
+    """(samples per shard, flagged rows) of a scan's scores.parquet, reading the shard column and
+    the flagged rows only (`full`: every row, for merging with verify flags)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = pc.value_counts(pq.read_table(scores_path, columns=["shard"]).column("shard"))
+    scanned = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    table = pq.read_table(scores_path, columns=SCORE_COLUMNS, filters=None if full else [("flagged", "==", True)])
+    return scanned, table.to_pandas()
 
 
 def _verify_drops(verify, drop, names: dict):

@@ -1,0 +1,120 @@
+"""poison plans from the catalog columns it needs (never the whole table on the client) and gives
+the same plan, catalog hash and outputs as planning from the whole table; sanitize reads only the
+flagged rows of a scan."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CLASSES, make_image
+from mmsanitize import catalog as catalog_mod
+from mmsanitize.cli import main
+from mmsanitize.shards import Sample, ShardWriter, sha256, write_sizes
+from test_poison import ATTACKS
+
+UNUSED = {"position", "bytes", "image_ext", "url", "source_sha256"}
+
+
+def make_mixed_dataset(out, n_shards: int = 4, per_shard: int = 10):
+    """Shards with img2dataset-like json, non-ASCII captions (the hash's JSON escapes them) and one
+    shard without labels or urls (an all-None column there: Arrow type null in that part)."""
+    i = 0
+    for s in range(n_shards):
+        with ShardWriter(out, f"{s:05d}") as w:
+            for j in range(per_shard):
+                label = CLASSES[i % len(CLASSES)]
+                key = f"{s:05d}{j:04d}"
+                img = make_image(label, i)
+                caption = f"a photo of a {label} n° {i} — ünïcode"
+                meta = {"key": key, "caption": caption, "width": 32, "height": 32, "sha256": sha256(img)}
+                if s != 2:
+                    meta.update(label=label, url=f"http://x/{i}.jpg")
+                w.write(Sample(key, img, "jpg", caption, meta))
+                i += 1
+    write_sizes(out)
+    return out
+
+
+@pytest.fixture
+def spy_reads(monkeypatch):
+    """Record (file name, columns) of every parquet read in this (the client) process."""
+    reads = []
+    real = pq.read_table
+
+    def read_table(source, *args, columns=None, **kw):
+        reads.append((str(source), None if columns is None else list(columns), kw.get("filters")))
+        return real(source, *args, columns=columns, **kw)
+
+    monkeypatch.setattr(pq, "read_table", read_table)
+    return reads
+
+
+def test_catalog_hash_and_plans_equal_the_whole_table_ones(tmp_path, dask_address):
+    from mmsanitize.attacks.plan import AttackSpec
+    from mmsanitize.poison import FINGERPRINT_COLUMNS, _goals, _hash, catalog_hash, make_plan, plan_columns
+
+    data = make_mixed_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    parts = catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
+    full = catalog_mod.build_catalog(data, scheduler=dask_address, cache_dir=cache)
+    assert parts.count == len(full) == 40
+    assert catalog_hash(parts) == _hash(full[FINGERPRINT_COLUMNS].values.tolist())
+    for attack, opts, mode in ATTACKS:
+        goals = [opts[i + 1] for i, o in enumerate(opts) if o == "--goal"]
+        kw = {"source": opts[opts.index("--source") + 1] if "--source" in opts else None,
+              "target": opts[opts.index("--target") + 1] if "--target" in opts else None}
+        amount = {o[2:].replace("-", "_"): float(opts[i + 1]) if o != "--count" else int(opts[i + 1])
+                  for i, o in enumerate(opts) if o in ("--count", "--rate", "--source-fraction")}
+        spec = AttackSpec(attack=attack, goals=_goals(attack, goals, kw["source"], kw["target"], None), mode=mode,
+                          seed=3, trigger_position="random", **amount)
+        columns = plan_columns(attack, "field", need_sha256=False)
+        assert not UNUSED & set(columns)
+        small = make_plan(catalog_mod.read_catalog(parts, columns), spec)
+        whole = make_plan(full, spec)
+        assert small.edits == whole.edits and small.rows == whole.rows and small.edits, attack
+
+
+@pytest.mark.parametrize("attack,opts", [("single-label", ["--goal", "dog2boat", "--count", "5"]),
+                                         ("patch", ["--target", "boat", "--count", "4"])])
+def test_poison_client_reads_only_needed_columns(tmp_path, dask_address, monkeypatch, spy_reads, attack, opts):
+    from mmsanitize.poison import FINGERPRINT_COLUMNS, plan_columns
+
+    data = make_mixed_dataset(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    main(["catalog", str(data), "--scheduler", dask_address])
+    spy_reads.clear()
+
+    def whole_table(*a, **k):
+        raise AssertionError("poison built the whole catalog table on the client")
+
+    monkeypatch.setattr(catalog_mod, "build_catalog", whole_table)
+    out = tmp_path / "out"
+    main(["poison", str(data), "--attack", attack, *opts, "--seed", "1", "--out", str(out),
+          "--scheduler", dask_address])
+    part_reads = [(c, f) for s, c, f in spy_reads if "/mmsanitize/catalogs/" in s and not s.endswith("catalog.parquet")]
+    allowed = set(plan_columns(attack, "field", need_sha256=False)) | set(FINGERPRINT_COLUMNS)
+    assert part_reads, "the plan should read the catalog parts"
+    assert all(c is not None and set(c) <= allowed for c, _ in part_reads), part_reads
+    assert not any(s.endswith("/catalog.parquet") for s, _, _ in spy_reads)  # the joined table is not read
+    assert json.loads((out / "poison.json").read_text())["counts"]["samples_in"] == 40
+
+
+def test_sanitize_reads_only_flagged_rows(tmp_path, tiny_dataset, dask_address, spy_reads):
+    import pandas as pd
+
+    scan = tmp_path / "scan"
+    main(["scan", str(tiny_dataset), "--model", "tiny", "--flag-fraction", "0.2", "--reuse-min", "0",
+          "--out", str(scan), "--scheduler", dask_address])
+    spy_reads.clear()
+    out = tmp_path / "clean"
+    main(["sanitize", str(tiny_dataset), "--scan", str(scan), "--out", str(out), "--scheduler", dask_address])
+    score_reads = [(c, f) for s, c, f in spy_reads if s.endswith("scores.parquet")]
+    assert score_reads
+    for columns, filters in score_reads:  # every read is either the shard column or only flagged rows
+        assert columns == ["shard"] or filters == [("flagged", "==", True)], (columns, filters)
+    removed = pd.read_parquet(out / "removed.parquet")
+    flagged = pd.read_parquet(scan / "scores.parquet").query("flagged")
+    assert sorted(removed["key"]) == sorted(flagged["key"]) and len(removed) == 7
