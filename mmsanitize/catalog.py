@@ -76,6 +76,12 @@ def catalog_shard(task: CatalogTask) -> dict:
     return stats
 
 
+def catalogued(path: str | os.PathLike, part_dir: str | os.PathLike) -> bool:
+    """True when `part_dir` holds a finished catalog part of shard `path` as it is now (same content
+    fingerprint and catalog version): every sample of it then parsed and its image decoded."""
+    return _part_done(CatalogTask(shard_stem(path), str(path), str(part_dir))) is not None
+
+
 def _part_done(task: CatalogTask) -> dict | None:
     stats_path = Path(task.part_dir) / f"{task.name}_stats.json"
     try:
@@ -98,6 +104,7 @@ class CatalogParts:
     paths: tuple[Path, ...]
     count: int
     joined: Path
+    inputs: tuple[str, ...] = ()  # each shard's content sha256, as its part was built from
 
 
 def catalog_parts(
@@ -133,9 +140,11 @@ def catalog_parts(
         shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
         raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
     joined = part_dir / "catalog.parquet"
+    built = CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined,
+                         tuple(run.results[t.name]["input"]["sha256"] for t in tasks))
     if not joined.exists() or joined.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in parts):
-        _write_joined(parts, joined)
-    return CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined)
+        _write_joined(built)
+    return built
 
 
 def _read_table(parts, columns=None):
@@ -151,22 +160,70 @@ def _read_table(parts, columns=None):
     return pa.concat_tables([t.cast(schema) for t in tables])
 
 
-def _write_joined(parts, path: Path) -> None:
-    """Write the parts as one parquet file, one part in memory at a time (atomic rename)."""
+def _write_joined(parts: CatalogParts) -> None:
+    """Write the parts as one parquet file, one part in memory at a time (atomic rename), and the
+    content hash computed on the way (`content_hash`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .shards import atomic_path
 
-    schemas = [pq.read_schema(p).remove_metadata() for p in parts]
-    schema = pa.unify_schemas(schemas, promote_options="permissive") if schemas else None
-    with atomic_path(path) as tmp:
-        if schema is None:
-            pq.write_table(_read_table(parts), tmp)
-            return
-        with pq.ParquetWriter(tmp, schema) as w:
-            for p in parts:
-                w.write_table(pq.read_table(p).replace_schema_metadata(None).cast(schema))
+    schema = pa.unify_schemas([pq.read_schema(p).remove_metadata() for p in parts.paths],
+                              promote_options="permissive")
+    digest = _ContentHash()
+    with atomic_path(parts.joined) as tmp, pq.ParquetWriter(tmp, schema) as w:
+        for p in parts.paths:
+            table = pq.read_table(p).replace_schema_metadata(None).cast(schema)
+            digest.update(table)
+            w.write_table(table)
+    _save_content_hash(parts, digest.hexdigest())
+
+
+HASH_COLUMNS = ["key", "shard", "sha256", "caption"]
+
+
+class _ContentHash:
+    """sha256 of `json.dumps(rows, sort_keys=True, default=str)` for the catalog's HASH_COLUMNS
+    rows as one list, fed one part at a time: a list's JSON text is its items' texts joined by
+    ", " in brackets."""
+
+    def __init__(self):
+        self.h = hashlib.sha256(b"[")
+        self.sep = b""
+
+    def update(self, table) -> None:
+        rows = table.select(HASH_COLUMNS).to_pandas().values.tolist()
+        if rows:
+            self.h.update(self.sep + json.dumps(rows, sort_keys=True, default=str)[1:-1].encode())
+            self.sep = b", "
+
+    def hexdigest(self) -> str:
+        h = self.h.copy()
+        h.update(b"]")
+        return h.hexdigest()[:16]
+
+
+def _save_content_hash(parts: CatalogParts, value: str) -> None:
+    write_json_atomic(parts.joined.with_name("content_hash.json"), {"inputs": list(parts.inputs), "hash": value})
+
+
+def content_hash(parts: CatalogParts) -> str:
+    """A 16-hex-digit hash of the catalog's (key, shard, sha256, caption) rows in order (what a
+    poison plan depends on). Saved beside the joined table when that is written, and reused while
+    every shard's content is the one its part was built from; else computed part by part."""
+    import pyarrow.parquet as pq
+
+    try:
+        saved = json.loads(parts.joined.with_name("content_hash.json").read_text())
+        if saved["inputs"] == list(parts.inputs):
+            return saved["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = _ContentHash()
+    for p in parts.paths:
+        digest.update(pq.read_table(p, columns=HASH_COLUMNS))
+    _save_content_hash(parts, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def read_catalog(parts: "CatalogParts | list", columns: list[str] | None = None):

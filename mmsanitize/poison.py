@@ -321,25 +321,6 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-FINGERPRINT_COLUMNS = ["key", "shard", "sha256", "caption"]
-
-
-def catalog_hash(parts) -> str:
-    """`_hash` of the catalog's (key, shard, sha256, caption) rows as one list, computed one
-    catalog part at a time: the JSON text of a list is its items' texts joined by ", " in brackets."""
-    import pyarrow.parquet as pq
-
-    h = hashlib.sha256(b"[")
-    sep = b""
-    for path in parts.paths:
-        rows = pq.read_table(path, columns=FINGERPRINT_COLUMNS).select(FINGERPRINT_COLUMNS).to_pandas().values.tolist()
-        if rows:
-            h.update(sep + json.dumps(rows, sort_keys=True, default=str)[1:-1].encode())
-            sep = b", "
-    h.update(b"]")
-    return h.hexdigest()[:16]
-
-
 def plan_columns(attack: str, label_from: str, *, need_sha256: bool) -> list[str] | None:
     """The catalog columns planning reads (None: all of them, for `column:NAME` naming a column
     the catalog may not have, so that the error lists the columns)."""
@@ -446,7 +427,7 @@ def poison_dataset(
     """
     from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
-    from .catalog import catalog_parts, read_catalog
+    from .catalog import catalog_parts, content_hash, read_catalog
     from .engine import dask_client, map_shards
     from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
 
@@ -533,7 +514,7 @@ def poison_dataset(
                  "label_from": label_from, "images_from": images_from, "perturb": perturb}
     if labelling is not None:
         spec_dict["labels"] = {"model": label_model, "margin": label_margin}
-    fingerprint = catalog_hash(parts)
+    fingerprint = content_hash(parts)  # = _hash of the (key, shard, sha256, caption) rows
     full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
                        "pool": pool.info["fingerprint"] if pool else None})
     by_shard = plan.by_shard()

@@ -5,6 +5,7 @@ flagged rows of a scan."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -54,14 +55,18 @@ def spy_reads(monkeypatch):
 
 def test_catalog_hash_and_plans_equal_the_whole_table_ones(tmp_path, dask_address):
     from mmsanitize.attacks.plan import AttackSpec
-    from mmsanitize.poison import FINGERPRINT_COLUMNS, _goals, _hash, catalog_hash, make_plan, plan_columns
+    from mmsanitize.catalog import HASH_COLUMNS, content_hash
+    from mmsanitize.poison import _goals, _hash, make_plan, plan_columns
 
     data = make_mixed_dataset(tmp_path / "data")
     cache = tmp_path / "cache"
     parts = catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
     full = catalog_mod.build_catalog(data, scheduler=dask_address, cache_dir=cache)
     assert parts.count == len(full) == 40
-    assert catalog_hash(parts) == _hash(full[FINGERPRINT_COLUMNS].values.tolist())
+    expected = _hash(full[HASH_COLUMNS].values.tolist())
+    assert content_hash(parts) == expected  # saved when the joined table was written
+    (cache / "content_hash.json").unlink()
+    assert content_hash(parts) == expected  # computed part by part
     for attack, opts, mode in ATTACKS:
         goals = [opts[i + 1] for i, o in enumerate(opts) if o == "--goal"]
         kw = {"source": opts[opts.index("--source") + 1] if "--source" in opts else None,
@@ -80,7 +85,8 @@ def test_catalog_hash_and_plans_equal_the_whole_table_ones(tmp_path, dask_addres
 @pytest.mark.parametrize("attack,opts", [("single-label", ["--goal", "dog2boat", "--count", "5"]),
                                          ("patch", ["--target", "boat", "--count", "4"])])
 def test_poison_client_reads_only_needed_columns(tmp_path, dask_address, monkeypatch, spy_reads, attack, opts):
-    from mmsanitize.poison import FINGERPRINT_COLUMNS, plan_columns
+    from mmsanitize.catalog import HASH_COLUMNS
+    from mmsanitize.poison import plan_columns
 
     data = make_mixed_dataset(tmp_path / "data")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -95,7 +101,7 @@ def test_poison_client_reads_only_needed_columns(tmp_path, dask_address, monkeyp
     main(["poison", str(data), "--attack", attack, *opts, "--seed", "1", "--out", str(out),
           "--scheduler", dask_address])
     part_reads = [(c, f) for s, c, f in spy_reads if "/mmsanitize/catalogs/" in s and not s.endswith("catalog.parquet")]
-    allowed = set(plan_columns(attack, "field", need_sha256=False)) | set(FINGERPRINT_COLUMNS)
+    allowed = set(plan_columns(attack, "field", need_sha256=False)) | set(HASH_COLUMNS)
     assert part_reads, "the plan should read the catalog parts"
     assert all(c is not None and set(c) <= allowed for c, _ in part_reads), part_reads
     assert not any(s.endswith("/catalog.parquet") for s, _, _ in spy_reads)  # the joined table is not read
@@ -118,3 +124,44 @@ def test_sanitize_reads_only_flagged_rows(tmp_path, tiny_dataset, dask_address, 
     removed = pd.read_parquet(out / "removed.parquet")
     flagged = pd.read_parquet(scan / "scores.parquet").query("flagged")
     assert sorted(removed["key"]) == sorted(flagged["key"]) and len(removed) == 7
+
+
+def test_sanitize_skips_decoding_catalogued_shards_with_the_same_output(tmp_path, monkeypatch):
+    import filecmp
+
+    import pandas as pd
+
+    from conftest import make_dataset
+    from mmsanitize import sanitize as sanitize_mod
+    from mmsanitize.shards import iter_samples
+
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=3, per_shard=8)
+    with ShardWriter(data, "00003") as w:  # one undecodable image: the catalog refuses this shard
+        for j, s in enumerate(iter_samples(data / "00000.tar")):
+            w.write(Sample(f"00003{j:04d}", b"not an image" if j == 2 else s.image, "jpg", s.caption, s.meta))
+    scan = tmp_path / "scan"
+    scan.mkdir()
+    keys = [(f"{s:05d}{j:04d}", f"{s:05d}.tar") for s in range(4) for j in range(8)]
+    pd.DataFrame({"key": [k for k, _ in keys], "shard": [s for _, s in keys], "combined": 0.5,
+                  "flagged": [i % 5 == 0 for i in range(len(keys))], "reason": "x"}).to_parquet(scan / "scores.parquet")
+    outs = {}
+    for tag in ("plain", "catalogued"):  # real runs (worker processes): same bytes with or without a catalog
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / f"xdg_{tag}"))
+        if tag == "catalogued":
+            for s in range(3):
+                catalog_mod.build_catalog(data / f"{s:05d}.tar", workers=1)
+        outs[tag] = tmp_path / tag
+        assert sanitize_mod.sanitize(data, scan=scan, out=outs[tag], workers=1)["invalid"] == 1
+    names = sorted(p.name for p in outs["plain"].iterdir())
+    assert names == sorted(p.name for p in outs["catalogued"].iterdir())
+    assert all(filecmp.cmp(outs["plain"] / n, outs["catalogued"] / n, shallow=False) for n in names)
+
+    decoded = []  # in this process: which shards' images the task decodes
+    real = sanitize_mod.invalid_samples
+    monkeypatch.setattr(sanitize_mod, "invalid_samples", lambda p: decoded.append(Path(p).name) or real(p))
+    parts = str(catalog_mod.catalog_dir([data / "00000.tar"]))
+    for s in range(4):
+        task = sanitize_mod.SanitizeTask(f"{s:05d}", str(data / f"{s:05d}.tar"), str(tmp_path / "direct"), (), "h", parts)
+        sanitize_mod.sanitize_shard(task)
+    assert decoded == ["00003.tar"]
