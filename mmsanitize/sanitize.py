@@ -28,6 +28,7 @@ class SanitizeTask:
     out: str
     drop: tuple[str, ...]
     drop_hash: str
+    catalog: str | None = None  # the dataset's catalog folder, if any (see `sanitize_shard`)
 
 
 def _drop_hash(keys) -> str:
@@ -50,8 +51,15 @@ def invalid_samples(path: str) -> dict[str, str]:
 
 def sanitize_shard(task: SanitizeTask) -> dict:
     """Dask task: write the cleaned shard (flagged and invalid samples dropped); returns its stats
-    (count = samples kept, invalid = samples dropped because they are not usable pairs)."""
-    invalid = {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
+    (count = samples kept, invalid = samples dropped because they are not usable pairs).
+
+    A shard with a finished catalog part for its current content has no invalid sample (the
+    catalog parses every sample and decodes its image, and refuses the shard otherwise), so its
+    images are not decoded again."""
+    from .catalog import catalogued
+
+    valid = task.catalog is not None and catalogued(task.path, task.catalog)
+    invalid = {} if valid else {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
     extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash,
              "invalid": len(invalid)}
     return rewrite_shard(task.path, task.out, task.name, drop=(*task.drop, *invalid), stats_extra=extra)
@@ -121,10 +129,14 @@ def sanitize(
     from .outputs import claim_out, input_bytes
 
     claim_out(out, "sanitize", paths, need_bytes=input_bytes(paths) * 11 // 10)
+    from .catalog import catalog_dir
+
+    parts = catalog_dir(paths)
+    parts = str(parts) if parts.is_dir() else None
     tasks = []
     for n, p in names.items():
         drop = by_shard.get(f"{n}.tar", ())
-        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop)))
+        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop), parts))
     res = map_shards(sanitize_shard, tasks, is_done=_done, scheduler=scheduler, workers=workers,
                      retries=retries, desc="sanitize")
     write_sizes(out)
