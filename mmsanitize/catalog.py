@@ -2,7 +2,8 @@
 
 Columns: key, shard, position, caption, label, sha256 (of the stored image bytes), width, height,
 bytes (image size), image_ext, url and source_sha256 (img2dataset's json `url` and `sha256`, the
-hash of the bytes originally downloaded, before resizing; None when absent). Per-shard parts live
+hash of the bytes originally downloaded, before resizing; None when absent), offset and end (the
+sample's byte range in the tar: its members, headers included, so one read fetches it). Per-shard parts live
 in a cache folder under `XDG_CACHE_HOME` (never beside the shards), each with a stats file holding
 the shard's content fingerprint, so a rerun rebuilds only shards that changed or were never finished.
 Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
@@ -21,9 +22,9 @@ from .errors import ShardError
 from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, parse_sample,
                      sha256, shard_stem, write_json_atomic, write_parquet_atomic)
 
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3
 COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext",
-           "url", "source_sha256"]
+           "url", "source_sha256", "offset", "end"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def catalog_rows(path: str | os.PathLike) -> list[dict]:
             "key": s.key, "shard": shard, "position": position, "caption": s.caption,
             "label": label, "sha256": sha256(s.image), "width": w, "height": h,
             "bytes": len(s.image), "image_ext": s.image_ext, "url": url, "source_sha256": source,
+            "offset": raw.start, "end": raw.end,
         })
     return rows
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -44,12 +45,14 @@ class PoisonTask:
 @dataclass(frozen=True)
 class ExtractTask:
     """Read samples `keys` (image sources and json templates) out of shard `path`, a shard of the
-    input dataset (`origin` "dataset") or of the image pool (`origin` "pool")."""
+    input dataset (`origin` "dataset") or of the image pool (`origin` "pool"); `ranges` holds each
+    key's (offset, end) byte range from the catalog."""
 
     name: str
     path: str
     keys: tuple
     origin: str = "dataset"
+    ranges: tuple = ()
 
 
 def image_ref(edit) -> tuple[str, str, str]:
@@ -65,35 +68,36 @@ def template_ref(edit) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- per-shard work
 
 
-def _wanted(keys: set[str]):
-    def want(name: str) -> bool:
-        directory, _, base = name.rpartition("/")
-        key = base.split(".", 1)[0]
-        return (directory + "/" + key if directory else key) in keys
-    return want
-
-
-def read_keys(path: str, keys: set[str]) -> dict:
-    """Samples `keys` of shard `path` as parsed Samples (one pass over the shard; only the wanted
-    members are kept). Raises ShardError when a key is missing."""
-    from .shards import RawSample, iter_tar, parse_sample, split_name
+def read_ranges(path: str, keys, ranges) -> dict:
+    """Samples `keys` of shard `path` as parsed Samples, each read from its catalogued byte range
+    (offset, end) with one positioned read. Raises ShardError when a range does not hold exactly
+    that sample (the shard changed since it was catalogued)."""
+    from .shards import BLOCK, RawSample, iter_tar, parse_sample, split_name
 
     shard = Path(path).name
-    raws: dict[str, RawSample] = {}
+    out = {}
     try:
-        fileobj = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise ShardError(shard, f"cannot open: {e.strerror}") from None
-    with fileobj:
-        for member, data in iter_tar(fileobj, shard, with_data=_wanted(keys)):
-            if data is None:
-                continue
-            key, ext = split_name(member.name, shard)
-            raws.setdefault(key, RawSample(key, [])).members.append((member, ext, data))
-    missing = keys - set(raws)
-    if missing:
-        raise ShardError(shard, "sample named by the poison plan is missing (input changed?)", key=sorted(missing)[0])
-    return {k: parse_sample(r, shard) for k, r in raws.items()}
+    try:
+        for key, (start, end) in zip(keys, ranges):
+            blob = os.pread(fd, end - start, start)
+            members = []
+            if len(blob) == end - start:
+                for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
+                    name, ext = split_name(member.name, shard)
+                    if name != key:
+                        members = []
+                        break
+                    members.append((member, ext, data))
+            if not members:
+                raise ShardError(shard, "sample named by the poison plan is not where the catalog says (input changed?)",
+                                 key=key)
+            out[key] = parse_sample(RawSample(key, members), shard)
+    finally:
+        os.close(fd)
+    return out
 
 
 def _trigger_pixels(trigger, height: int, width: int):
@@ -172,7 +176,7 @@ def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, ca
 def extract_samples(task: ExtractTask) -> dict:
     """Dask task: the samples a poison plan needs from one dataset or pool shard, read in one pass;
     keyed (origin, shard file name, key)."""
-    samples = read_keys(task.path, set(task.keys))
+    samples = read_ranges(task.path, task.keys, task.ranges)
     return {"count": len(samples),
             "samples": {(task.origin, Path(task.path).name, k): s for k, s in samples.items()}}
 
@@ -317,6 +321,13 @@ def make_plan(catalog, spec, label_from: str = "field", pool_catalog=None):
     return planner(catalog, spec, masks, pool=ImagePool(pool_catalog, pool_masks))
 
 
+def _byte_ranges(catalog, refs: set) -> dict:
+    """(shard, key) -> (offset, end) from the catalog, for the samples `refs` only."""
+    sub = catalog[catalog["key"].isin({k for _, k in refs})]
+    return {(s, k): (int(o), int(e)) for s, k, o, e in sub[["shard", "key", "offset", "end"]].itertuples(index=False)
+            if (s, k) in refs}
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -326,7 +337,7 @@ def plan_columns(attack: str, label_from: str, *, need_sha256: bool) -> list[str
     the catalog may not have, so that the error lists the columns)."""
     from .catalog import COLUMNS
 
-    columns = ["key", "shard", "caption", "label"]  # label: `field`, and the class list of `keywords`
+    columns = ["key", "shard", "caption", "label", "offset", "end"]  # label: `field`, and `keywords`' class list
     if attack in ("patch", "blended", "label-consistent"):
         columns += ["width", "height"]  # trigger positions
     if need_sha256:
@@ -547,9 +558,12 @@ def poison_dataset(
             for e in t.edits:
                 for origin, shard, key in (template_ref(e), image_ref(e)):
                     needed.setdefault((origin, shard), set()).add(key)
+        ranges = {o: _byte_ranges(cat, {(n, k) for (o2, n), keys in needed.items() if o2 == o for k in keys})
+                  for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
         with dask_client(scheduler, workers) as client:
             extract = [ExtractTask(("pool-" if o == "pool" else "") + shard_stem(n),
-                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o)
+                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o,
+                                   tuple(ranges[o][(n, key)] for key in sorted(k)))
                        for (o, n), k in sorted(needed.items())]
             got = map_shards(extract_samples, extract, client=client, retries=retries, desc="poison-read")
             sources = {}

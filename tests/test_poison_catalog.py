@@ -10,33 +10,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CLASSES, make_image
 from mmsanitize import catalog as catalog_mod
 from mmsanitize.cli import main
-from mmsanitize.shards import Sample, ShardWriter, sha256, write_sizes
-from test_poison import ATTACKS
+from mmsanitize.shards import Sample, ShardWriter
+from test_poison import ATTACKS, make_rich_dataset
 
 UNUSED = {"position", "bytes", "image_ext", "url", "source_sha256"}
 
 
-def make_mixed_dataset(out, n_shards: int = 4, per_shard: int = 10):
-    """Shards with img2dataset-like json, non-ASCII captions (the hash's JSON escapes them) and one
-    shard without labels or urls (an all-None column there: Arrow type null in that part)."""
-    i = 0
-    for s in range(n_shards):
-        with ShardWriter(out, f"{s:05d}") as w:
-            for j in range(per_shard):
-                label = CLASSES[i % len(CLASSES)]
-                key = f"{s:05d}{j:04d}"
-                img = make_image(label, i)
-                caption = f"a photo of a {label} n° {i} — ünïcode"
-                meta = {"key": key, "caption": caption, "width": 32, "height": 32, "sha256": sha256(img)}
-                if s != 2:
-                    meta.update(label=label, url=f"http://x/{i}.jpg")
-                w.write(Sample(key, img, "jpg", caption, meta))
-                i += 1
-    write_sizes(out)
-    return out
+def make_mixed_dataset(out):
+    """Non-ASCII captions (the hash's JSON escapes them) and a shard without labels (an all-None
+    column there: Arrow type null in that part)."""
+    return make_rich_dataset(out, n_shards=4, per_shard=10, caption="a photo of a {label} n° {i} — ünïcode",
+                             unlabelled=(2,))
 
 
 @pytest.fixture
@@ -165,3 +151,20 @@ def test_sanitize_skips_decoding_catalogued_shards_with_the_same_output(tmp_path
         task = sanitize_mod.SanitizeTask(f"{s:05d}", str(data / f"{s:05d}.tar"), str(tmp_path / "direct"), (), "h", parts)
         sanitize_mod.sanitize_shard(task)
     assert decoded == ["00003.tar"]
+
+
+def test_poison_reads_the_catalogued_byte_range_or_names_the_sample(tmp_path):
+    from conftest import make_dataset
+    from mmsanitize.errors import ShardError
+    from mmsanitize.poison import read_ranges
+    from mmsanitize.shards import iter_samples
+
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=1, per_shard=6)
+    cat = catalog_mod.build_catalog(data, workers=1, cache_dir=tmp_path / "cache")
+    want = cat.iloc[[4, 1]]
+    got = read_ranges(str(data / "00000.tar"), list(want["key"]), list(zip(want["offset"], want["end"])))
+    assert got == {s.key: s for s in iter_samples(data / "00000.tar") if s.key in set(want["key"])}
+    with pytest.raises(ShardError) as e:  # a range that holds another sample (the shard changed)
+        read_ranges(str(data / "00000.tar"), [want["key"].iloc[0]], [(want["offset"].iloc[1], want["end"].iloc[1])])
+    assert "00000.tar" in str(e.value) and want["key"].iloc[0] in str(e.value)
