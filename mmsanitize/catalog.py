@@ -232,7 +232,7 @@ def read_catalog(parts: "CatalogParts | list", columns: list[str] | None = None)
     """The catalog's rows (shard, then position order) as a pandas DataFrame with only `columns`
     (all when None), read from the parts with pyarrow."""
     paths = parts.paths if isinstance(parts, CatalogParts) else parts
-    return _read_table(paths, columns).to_pandas()
+    return _read_table(paths, columns).to_pandas(split_blocks=True, self_destruct=True)  # frees Arrow as it goes
 
 
 def build_catalog(

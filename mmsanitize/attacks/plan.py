@@ -251,7 +251,7 @@ def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: in
         b_rows = pick(b_only, n, rng)
         for ar, br in zip(a_rows, b_rows):
             shard, key = ref(catalog, br)
-            edit = Edit(shard, key, key, catalog.iloc[ar]["caption"], (shard, key), (shard, key))
+            edit = Edit(shard, key, key, catalog["caption"].iat[ar], (shard, key), (shard, key))
             plan.add(edit, attack=spec.attack, goal=goal, mode="replace", source=ref(catalog, ar))
         return list(b_rows)
     if pool is not None:
@@ -262,7 +262,7 @@ def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: in
         image_catalog, origin = catalog, "dataset"
     for ar, br in zip(a_rows, b_rows):
         shard, key, replaces = placer.place(catalog, ar)
-        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(image_catalog, br),
+        edit = Edit(shard, key, replaces, catalog["caption"].iat[ar], ref(catalog, ar), ref(image_catalog, br),
                     image_origin=origin)
         plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=ref(catalog, ar))
     return list(a_rows)
