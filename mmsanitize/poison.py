@@ -174,8 +174,8 @@ def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, ca
 
 
 def extract_samples(task: ExtractTask) -> dict:
-    """Dask task: the samples a poison plan needs from one dataset or pool shard, read in one pass;
-    keyed (origin, shard file name, key)."""
+    """Dask task: the samples a poison plan needs from one dataset or pool shard, each read at its
+    catalogued byte range; keyed (origin, shard file name, key)."""
     samples = read_ranges(task.path, task.keys, task.ranges)
     return {"count": len(samples),
             "samples": {(task.origin, Path(task.path).name, k): s for k, s in samples.items()}}
@@ -552,7 +552,7 @@ def poison_dataset(
     results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
     pending = [t for t in tasks if t.name not in results]
     if pending:
-        # read every needed source sample in one pass per input shard, then splice each shard
+        # read every needed source sample (one task per shard holding some), then splice each shard
         needed: dict[tuple[str, str], set[str]] = {}
         for t in pending:
             for e in t.edits:
