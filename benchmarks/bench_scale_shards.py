@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import ROOT, generate, run_tree  # noqa: E402
+from bench_scale import ROOT, generate, run_tree
 
 
 def warm(data: Path) -> None:

@@ -119,8 +119,8 @@ def catalog_parts(
 ) -> CatalogParts:
     """Catalog a dataset (finished shards skipped: their fingerprint matches) and return its parts.
 
-    The client reads only the `key` and `shard` columns (as Arrow arrays) to refuse a key that
-    appears in two shards, and writes the joined table `<cache>/catalog.parquet` part by part when
+    The client reads only the `key` column (as Arrow) to refuse a key that appears in two shards
+    (and the `shard` column when one does), and writes the joined table `<cache>/catalog.parquet` part by part when
     it is missing or older than a part. Raises ShardError on bad samples and duplicate keys,
     EngineError when shards fail.
     """
@@ -228,7 +228,7 @@ def content_hash(parts: CatalogParts) -> str:
     return digest.hexdigest()
 
 
-def read_catalog(parts: "CatalogParts | list", columns: list[str] | None = None):
+def read_catalog(parts: CatalogParts | list, columns: list[str] | None = None):
     """The catalog's rows (shard, then position order) as a pandas DataFrame with only `columns`
     (all when None), read from the parts with pyarrow."""
     paths = parts.paths if isinstance(parts, CatalogParts) else parts

@@ -90,7 +90,6 @@ def sanitize(
     Raises UsageError when the scan does not cover these shards, when the output would be the
     input folder, or when a shard would lose every sample (nothing sensible to write).
     """
-    import pandas as pd
 
     paths = expand_shards(shards)
     out = Path(out)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from test_poison import ATTACKS, make_rich_dataset
 
 from mmsanitize import catalog as catalog_mod
 from mmsanitize.cli import main
 from mmsanitize.shards import Sample, ShardWriter
-from test_poison import ATTACKS, make_rich_dataset
 
 UNUSED = {"position", "bytes", "image_ext", "url", "source_sha256"}
 
@@ -116,8 +116,8 @@ def test_sanitize_skips_decoding_catalogued_shards_with_the_same_output(tmp_path
     import filecmp
 
     import pandas as pd
-
     from conftest import make_dataset
+
     from mmsanitize import sanitize as sanitize_mod
     from mmsanitize.shards import iter_samples
 
@@ -155,6 +155,7 @@ def test_sanitize_skips_decoding_catalogued_shards_with_the_same_output(tmp_path
 
 def test_poison_reads_the_catalogued_byte_range_or_names_the_sample(tmp_path):
     from conftest import make_dataset
+
     from mmsanitize.errors import ShardError
     from mmsanitize.poison import read_ranges
     from mmsanitize.shards import iter_samples
