@@ -2,7 +2,8 @@
 
 Columns: key, shard, position, caption, label, sha256 (of the stored image bytes), width, height,
 bytes (image size), image_ext, url and source_sha256 (img2dataset's json `url` and `sha256`, the
-hash of the bytes originally downloaded, before resizing; None when absent). Per-shard parts live
+hash of the bytes originally downloaded, before resizing; None when absent), offset and end (the
+sample's byte range in the tar: its members, headers included, so one read fetches it). Per-shard parts live
 in a cache folder under `XDG_CACHE_HOME` (never beside the shards), each with a stats file holding
 the shard's content fingerprint, so a rerun rebuilds only shards that changed or were never finished.
 Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
@@ -21,9 +22,9 @@ from .errors import ShardError
 from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, parse_sample,
                      sha256, shard_stem, write_json_atomic, write_parquet_atomic)
 
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3
 COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext",
-           "url", "source_sha256"]
+           "url", "source_sha256", "offset", "end"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def catalog_rows(path: str | os.PathLike) -> list[dict]:
             "key": s.key, "shard": shard, "position": position, "caption": s.caption,
             "label": label, "sha256": sha256(s.image), "width": w, "height": h,
             "bytes": len(s.image), "image_ext": s.image_ext, "url": url, "source_sha256": source,
+            "offset": raw.start, "end": raw.end,
         })
     return rows
 
@@ -76,6 +78,12 @@ def catalog_shard(task: CatalogTask) -> dict:
     return stats
 
 
+def catalogued(path: str | os.PathLike, part_dir: str | os.PathLike) -> bool:
+    """True when `part_dir` holds a finished catalog part of shard `path` as it is now (same content
+    fingerprint and catalog version): every sample of it then parsed and its image decoded."""
+    return _part_done(CatalogTask(shard_stem(path), str(path), str(part_dir))) is not None
+
+
 def _part_done(task: CatalogTask) -> dict | None:
     stats_path = Path(task.part_dir) / f"{task.name}_stats.json"
     try:
@@ -89,6 +97,144 @@ def _part_done(task: CatalogTask) -> dict | None:
     return stats
 
 
+@dataclass(frozen=True)
+class CatalogParts:
+    """A built catalog on disk: one parquet part per shard (in shard order) and the sample count.
+
+    Read columns with `read_catalog(parts, columns)`; nothing here holds the table in memory."""
+
+    paths: tuple[Path, ...]
+    count: int
+    joined: Path
+    inputs: tuple[str, ...] = ()  # each shard's content sha256, as its part was built from
+
+
+def catalog_parts(
+    shards: str | os.PathLike | list,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+) -> CatalogParts:
+    """Catalog a dataset (finished shards skipped: their fingerprint matches) and return its parts.
+
+    The client reads only the `key` column (as Arrow) to refuse a key that appears in two shards
+    (and the `shard` column when one does), and writes the joined table `<cache>/catalog.parquet` part by part when
+    it is missing or older than a part. Raises ShardError on bad samples and duplicate keys,
+    EngineError when shards fail.
+    """
+    import pyarrow.compute as pc
+
+    paths = expand_shards(shards)
+    part_dir = Path(cache_dir) if cache_dir else catalog_dir(paths)
+    names = [shard_stem(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
+    tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
+    run = map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
+                     retries=retries, desc="catalog")
+    parts = tuple(part_dir / f"{t.name}.parquet" for t in tasks)
+    keys = _read_table(parts, ["key"]).column("key")
+    if len(pc.unique(keys)) != len(keys):
+        df = read_catalog(parts, ["key", "shard"])
+        first = df[df["key"].duplicated(keep=False)].iloc[0]
+        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
+        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
+    joined = part_dir / "catalog.parquet"
+    built = CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined,
+                         tuple(run.results[t.name]["input"]["sha256"] for t in tasks))
+    if not joined.exists() or joined.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in parts):
+        _write_joined(built)
+    return built
+
+
+def _read_table(parts, columns=None):
+    """The parts' rows (in order) as one Arrow table with a common schema (a part whose column is
+    all None has Arrow type null there; it is cast to the type the other parts have)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(p, columns=columns) for p in parts]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in (columns or COLUMNS)})
+    schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def _write_joined(parts: CatalogParts) -> None:
+    """Write the parts as one parquet file, one part in memory at a time (atomic rename), and the
+    content hash computed on the way (`content_hash`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .shards import atomic_path
+
+    schema = pa.unify_schemas([pq.read_schema(p).remove_metadata() for p in parts.paths],
+                              promote_options="permissive")
+    digest = _ContentHash()
+    with atomic_path(parts.joined) as tmp, pq.ParquetWriter(tmp, schema) as w:
+        for p in parts.paths:
+            table = pq.read_table(p).replace_schema_metadata(None).cast(schema)
+            digest.update(table)
+            w.write_table(table)
+    _save_content_hash(parts, digest.hexdigest())
+
+
+HASH_COLUMNS = ["key", "shard", "sha256", "caption"]
+
+
+class _ContentHash:
+    """sha256 of `json.dumps(rows, sort_keys=True, default=str)` for the catalog's HASH_COLUMNS
+    rows as one list, fed one part at a time: a list's JSON text is its items' texts joined by
+    ", " in brackets."""
+
+    def __init__(self):
+        self.h = hashlib.sha256(b"[")
+        self.sep = b""
+
+    def update(self, table) -> None:
+        rows = table.select(HASH_COLUMNS).to_pandas().values.tolist()
+        if rows:
+            self.h.update(self.sep + json.dumps(rows, sort_keys=True, default=str)[1:-1].encode())
+            self.sep = b", "
+
+    def hexdigest(self) -> str:
+        h = self.h.copy()
+        h.update(b"]")
+        return h.hexdigest()[:16]
+
+
+def _save_content_hash(parts: CatalogParts, value: str) -> None:
+    write_json_atomic(parts.joined.with_name("content_hash.json"), {"inputs": list(parts.inputs), "hash": value})
+
+
+def content_hash(parts: CatalogParts) -> str:
+    """A 16-hex-digit hash of the catalog's (key, shard, sha256, caption) rows in order (what a
+    poison plan depends on). Saved beside the joined table when that is written, and reused while
+    every shard's content is the one its part was built from; else computed part by part."""
+    import pyarrow.parquet as pq
+
+    try:
+        saved = json.loads(parts.joined.with_name("content_hash.json").read_text())
+        if saved["inputs"] == list(parts.inputs):
+            return saved["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = _ContentHash()
+    for p in parts.paths:
+        digest.update(pq.read_table(p, columns=HASH_COLUMNS))
+    _save_content_hash(parts, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def read_catalog(parts: CatalogParts | list, columns: list[str] | None = None):
+    """The catalog's rows (shard, then position order) as a pandas DataFrame with only `columns`
+    (all when None), read from the parts with pyarrow."""
+    paths = parts.paths if isinstance(parts, CatalogParts) else parts
+    return _read_table(paths, columns).to_pandas(split_blocks=True, self_destruct=True)  # frees Arrow as it goes
+
+
 def build_catalog(
     shards: str | os.PathLike | list,
     *,
@@ -99,29 +245,11 @@ def build_catalog(
 ):
     """Catalog a dataset and return it as a pandas DataFrame (rows in shard, then position order).
 
-    Finished shards are skipped (their fingerprint matches); the joined table is also written to
-    `<cache>/catalog.parquet`. Raises ShardError on bad samples and on a key that appears in two
-    shards, EngineError when shards fail.
+    The whole table, every column: planning steps that need a few columns use `catalog_parts`
+    and `read_catalog` instead. Raises as `catalog_parts`.
     """
-    import pandas as pd
-
-    paths = expand_shards(shards)
-    part_dir = Path(cache_dir) if cache_dir else catalog_dir(paths)
-    names = [shard_stem(p) for p in paths]
-    if len(set(names)) != len(names):
-        raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
-    tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
-    map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
-               retries=retries, desc="catalog")
-    parts = [pd.read_parquet(part_dir / f"{t.name}.parquet") for t in tasks]
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
-    dup = df["key"].duplicated(keep=False)
-    if dup.any():
-        first = df[dup].iloc[0]
-        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
-        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
-    write_parquet_atomic(df, part_dir / "catalog.parquet")
-    return df
+    return read_catalog(catalog_parts(shards, scheduler=scheduler, workers=workers, retries=retries,
+                                      cache_dir=cache_dir))
 
 
 def class_counts(df) -> "dict[str, int]":

@@ -82,7 +82,7 @@ def cli():
       MMSANITIZE_FEATURE_CACHE  align's backbone-feature cache (default XDG_CACHE_HOME/mmsanitize/features)
       MMSANITIZE_TASK_TIMEOUT   per-task watchdog in seconds (default 21600; 0 = off)
       MMSANITIZE_LOG_DIR        where internal-error tracebacks go (default XDG_CACHE_HOME/mmsanitize/logs)
-      XDG_CACHE_HOME            cache root (default ~/.cache): catalogs, features, logs
+      XDG_CACHE_HOME            cache root (default ~/.cache): catalogs, file fingerprints, features, logs
       HF_HUB_OFFLINE=1          never contact the Hugging Face hub (models load from local files)
       NO_ALBUMENTATIONS_UPDATE  set to 1 by ingest (img2dataset's albumentations would query PyPI)
     """
@@ -129,11 +129,10 @@ def catalog(shards, scheduler, workers):
 
     Example: mmsanitize catalog data/oca/train/
     """
-    from .catalog import build_catalog, catalog_dir
-    from .shards import expand_shards
+    from .catalog import catalog_parts
 
-    df = build_catalog(shards, scheduler=scheduler, workers=workers)
-    click.echo(f"{len(df):,} samples catalogued in {catalog_dir(expand_shards(shards)) / 'catalog.parquet'}")
+    parts = catalog_parts(shards, scheduler=scheduler, workers=workers)
+    click.echo(f"{parts.count:,} samples catalogued in {parts.joined}")
 
 
 @cli.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field, replace
@@ -44,12 +45,14 @@ class PoisonTask:
 @dataclass(frozen=True)
 class ExtractTask:
     """Read samples `keys` (image sources and json templates) out of shard `path`, a shard of the
-    input dataset (`origin` "dataset") or of the image pool (`origin` "pool")."""
+    input dataset (`origin` "dataset") or of the image pool (`origin` "pool"); `ranges` holds each
+    key's (offset, end) byte range from the catalog."""
 
     name: str
     path: str
     keys: tuple
     origin: str = "dataset"
+    ranges: tuple = ()
 
 
 def image_ref(edit) -> tuple[str, str, str]:
@@ -65,35 +68,36 @@ def template_ref(edit) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- per-shard work
 
 
-def _wanted(keys: set[str]):
-    def want(name: str) -> bool:
-        directory, _, base = name.rpartition("/")
-        key = base.split(".", 1)[0]
-        return (directory + "/" + key if directory else key) in keys
-    return want
-
-
-def read_keys(path: str, keys: set[str]) -> dict:
-    """Samples `keys` of shard `path` as parsed Samples (one pass over the shard; only the wanted
-    members are kept). Raises ShardError when a key is missing."""
-    from .shards import RawSample, iter_tar, parse_sample, split_name
+def read_ranges(path: str, keys, ranges) -> dict:
+    """Samples `keys` of shard `path` as parsed Samples, each read from its catalogued byte range
+    (offset, end) with one positioned read. Raises ShardError when a range does not hold exactly
+    that sample (the shard changed since it was catalogued)."""
+    from .shards import BLOCK, RawSample, iter_tar, parse_sample, split_name
 
     shard = Path(path).name
-    raws: dict[str, RawSample] = {}
+    out = {}
     try:
-        fileobj = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise ShardError(shard, f"cannot open: {e.strerror}") from None
-    with fileobj:
-        for member, data in iter_tar(fileobj, shard, with_data=_wanted(keys)):
-            if data is None:
-                continue
-            key, ext = split_name(member.name, shard)
-            raws.setdefault(key, RawSample(key, [])).members.append((member, ext, data))
-    missing = keys - set(raws)
-    if missing:
-        raise ShardError(shard, "sample named by the poison plan is missing (input changed?)", key=sorted(missing)[0])
-    return {k: parse_sample(r, shard) for k, r in raws.items()}
+    try:
+        for key, (start, end) in zip(keys, ranges):
+            blob = os.pread(fd, end - start, start)
+            members = []
+            if len(blob) == end - start:
+                for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
+                    name, ext = split_name(member.name, shard)
+                    if name != key:
+                        members = []
+                        break
+                    members.append((member, ext, data))
+            if not members:
+                raise ShardError(shard, "sample named by the poison plan is not where the catalog says (input changed?)",
+                                 key=key)
+            out[key] = parse_sample(RawSample(key, members), shard)
+    finally:
+        os.close(fd)
+    return out
 
 
 def _trigger_pixels(trigger, height: int, width: int):
@@ -170,9 +174,9 @@ def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, ca
 
 
 def extract_samples(task: ExtractTask) -> dict:
-    """Dask task: the samples a poison plan needs from one dataset or pool shard, read in one pass;
-    keyed (origin, shard file name, key)."""
-    samples = read_keys(task.path, set(task.keys))
+    """Dask task: the samples a poison plan needs from one dataset or pool shard, each read at its
+    catalogued byte range; keyed (origin, shard file name, key)."""
+    samples = read_ranges(task.path, task.keys, task.ranges)
     return {"count": len(samples),
             "samples": {(task.origin, Path(task.path).name, k): s for k, s in samples.items()}}
 
@@ -216,8 +220,10 @@ def poison_shard(task: PoisonTask) -> dict:
 
 
 def _shard_done(task: PoisonTask) -> dict | None:
-    from .shards import file_fingerprint, outputs_done
+    from .shards import file_fingerprint, outputs_done, read_stats
 
+    if read_stats(task.out_dir, task.name) is None:  # not written yet: no need to hash the input
+        return None
     stats = outputs_done(task.out_dir, task.name, input=file_fingerprint(task.src), spec=task.spec_hash)
     if stats is None:
         return None
@@ -315,8 +321,33 @@ def make_plan(catalog, spec, label_from: str = "field", pool_catalog=None):
     return planner(catalog, spec, masks, pool=ImagePool(pool_catalog, pool_masks))
 
 
+def _byte_ranges(catalog, refs: set) -> dict:
+    """(shard, key) -> (offset, end) from the catalog, for the samples `refs` only."""
+    sub = catalog[catalog["key"].isin({k for _, k in refs})]
+    return {(s, k): (int(o), int(e)) for s, k, o, e in sub[["shard", "key", "offset", "end"]].itertuples(index=False)
+            if (s, k) in refs}
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def plan_columns(attack: str, label_from: str, *, need_sha256: bool) -> list[str] | None:
+    """The catalog columns planning reads (None: all of them, for `column:NAME` naming a column
+    the catalog may not have, so that the error lists the columns)."""
+    from .catalog import COLUMNS
+
+    columns = ["key", "shard", "caption", "label", "offset", "end"]  # label: `field`, and `keywords`' class list
+    if attack in ("patch", "blended", "label-consistent"):
+        columns += ["width", "height"]  # trigger positions
+    if need_sha256:
+        columns.append("sha256")
+    if label_from.startswith("column:"):
+        name = label_from.split(":", 1)[1]
+        if name not in COLUMNS:
+            return None
+        columns.append(name)
+    return list(dict.fromkeys(columns))
 
 
 def _remove_pool_work(out_dir: Path, remove_out: bool) -> None:
@@ -407,7 +438,7 @@ def poison_dataset(
     """
     from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
-    from .catalog import build_catalog
+    from .catalog import catalog_parts, content_hash, read_catalog
     from .engine import dask_client, map_shards
     from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
 
@@ -463,7 +494,9 @@ def poison_dataset(
                       source_fraction=source_fraction, count=count, rate=rate, target_key=target_key,
                       trigger_size=int(trigger_size), trigger_position=trigger_position,
                       trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
-    catalog = build_catalog(paths, scheduler=scheduler, workers=workers, retries=retries)
+    parts = catalog_parts(paths, scheduler=scheduler, workers=workers, retries=retries)
+    catalog = read_catalog(parts, plan_columns(attack, label_from, need_sha256=bool(
+        images_from is not None or perturb is not None or is_zeroshot(label_from))))
     labelling = None
     if is_zeroshot(label_from):
         from .labels import attach_zeroshot, label_summary
@@ -492,7 +525,7 @@ def poison_dataset(
                  "label_from": label_from, "images_from": images_from, "perturb": perturb}
     if labelling is not None:
         spec_dict["labels"] = {"model": label_model, "margin": label_margin}
-    fingerprint = _hash(catalog[["key", "shard", "sha256", "caption"]].values.tolist())
+    fingerprint = content_hash(parts)  # = _hash of the (key, shard, sha256, caption) rows
     full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
                        "pool": pool.info["fingerprint"] if pool else None})
     by_shard = plan.by_shard()
@@ -519,15 +552,18 @@ def poison_dataset(
     results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
     pending = [t for t in tasks if t.name not in results]
     if pending:
-        # read every needed source sample in one pass per input shard, then splice each shard
+        # read every needed source sample (one task per shard holding some), then splice each shard
         needed: dict[tuple[str, str], set[str]] = {}
         for t in pending:
             for e in t.edits:
                 for origin, shard, key in (template_ref(e), image_ref(e)):
                     needed.setdefault((origin, shard), set()).add(key)
+        ranges = {o: _byte_ranges(cat, {(n, k) for (o2, n), keys in needed.items() if o2 == o for k in keys})
+                  for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
         with dask_client(scheduler, workers) as client:
             extract = [ExtractTask(("pool-" if o == "pool" else "") + shard_stem(n),
-                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o)
+                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o,
+                                   tuple(ranges[o][(n, key)] for key in sorted(k)))
                        for (o, n), k in sorted(needed.items())]
             got = map_shards(extract_samples, extract, client=client, retries=retries, desc="poison-read")
             sources = {}
@@ -568,7 +604,7 @@ def poison_dataset(
         "mode": mode,
         "input": str(in_root.resolve()),
         "shards": [p.name for p in paths],
-        "counts": {"samples_in": int(len(catalog)), "samples_out": int(total_out),
+        "counts": {"samples_in": parts.count, "samples_out": int(total_out),
                    "poisoned": len(rows), "per_shard": {t.name + ".tar": len(t.edits) for t in tasks}},
         "goals": [{"goal": g, "poisoned": n, "rate": n / total_out} for g, n in per_goal.items()],
         "images_from": pool.info if pool else None,

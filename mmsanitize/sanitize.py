@@ -28,6 +28,7 @@ class SanitizeTask:
     out: str
     drop: tuple[str, ...]
     drop_hash: str
+    catalog: str | None = None  # the dataset's catalog folder, if any (see `sanitize_shard`)
 
 
 def _drop_hash(keys) -> str:
@@ -50,8 +51,15 @@ def invalid_samples(path: str) -> dict[str, str]:
 
 def sanitize_shard(task: SanitizeTask) -> dict:
     """Dask task: write the cleaned shard (flagged and invalid samples dropped); returns its stats
-    (count = samples kept, invalid = samples dropped because they are not usable pairs)."""
-    invalid = {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
+    (count = samples kept, invalid = samples dropped because they are not usable pairs).
+
+    A shard with a finished catalog part for its current content has no invalid sample (the
+    catalog parses every sample and decodes its image, and refuses the shard otherwise), so its
+    images are not decoded again."""
+    from .catalog import catalogued
+
+    valid = task.catalog is not None and catalogued(task.path, task.catalog)
+    invalid = {} if valid else {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
     extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash,
              "invalid": len(invalid)}
     return rewrite_shard(task.path, task.out, task.name, drop=(*task.drop, *invalid), stats_extra=extra)
@@ -82,7 +90,6 @@ def sanitize(
     Raises UsageError when the scan does not cover these shards, when the output would be the
     input folder, or when a shard would lose every sample (nothing sensible to write).
     """
-    import pandas as pd
 
     paths = expand_shards(shards)
     out = Path(out)
@@ -101,29 +108,34 @@ def sanitize(
 
         check_artifact(scan, "scan", paths, "--scan")
         try:
-            scores = pd.read_parquet(scores_path, columns=["key", "shard", "combined", "flagged", "reason"])
+            scanned, rows = _scan_flags(scores_path, full=verify is not None)
         except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
             raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
-        scanned = set(scores["shard"])
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
         if missing:
             raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
         if verify is not None:
-            scores = _merge_flags(scores, _verify_drops(verify, drop, names))
-    flagged = scores[scores["flagged"]]
+            rows = _merge_flags(rows, _verify_drops(verify, drop, names))
+        flagged = rows[rows["flagged"]]
+    else:
+        scanned = scores.groupby("shard").size().to_dict()
+        flagged = scores[scores["flagged"]]
     flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
     by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
-    totals = scores.groupby("shard").size().to_dict()
     for shard, keys in by_shard.items():
-        if len(keys) == totals.get(shard):
+        if len(keys) == scanned.get(shard):
             raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
     from .outputs import claim_out, input_bytes
 
     claim_out(out, "sanitize", paths, need_bytes=input_bytes(paths) * 11 // 10)
+    from .catalog import catalog_dir
+
+    parts = catalog_dir(paths)
+    parts = str(parts) if parts.is_dir() else None
     tasks = []
     for n, p in names.items():
         drop = by_shard.get(f"{n}.tar", ())
-        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop)))
+        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop), parts))
     res = map_shards(sanitize_shard, tasks, is_done=_done, scheduler=scheduler, workers=workers,
                      retries=retries, desc="sanitize")
     write_sizes(out)
@@ -138,6 +150,21 @@ def sanitize(
                        removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))
     write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
     return summary
+
+
+SCORE_COLUMNS = ["key", "shard", "combined", "flagged", "reason"]
+
+
+def _scan_flags(scores_path: Path, full: bool = False):
+    """(samples per shard, flagged rows) of a scan's scores.parquet, reading the shard column and
+    the flagged rows only (`full`: every row, for merging with verify flags)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts = pc.value_counts(pq.read_table(scores_path, columns=["shard"]).column("shard"))
+    scanned = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    table = pq.read_table(scores_path, columns=SCORE_COLUMNS, filters=None if full else [("flagged", "==", True)])
+    return scanned, table.to_pandas()
 
 
 def _verify_drops(verify, drop, names: dict):

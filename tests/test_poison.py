@@ -21,8 +21,10 @@ from mmsanitize.poison import poison_dataset
 from mmsanitize.shards import Sample, ShardWriter, iter_raw_samples, parse_sample, sha256, write_sizes
 
 
-def make_rich_dataset(out: Path, n_shards: int = 3, per_shard: int = 12, size: int = 32) -> Path:
-    """Shards whose json carries img2dataset-like fields describing the image (width, height, sha256)."""
+def make_rich_dataset(out: Path, n_shards: int = 3, per_shard: int = 12, size: int = 32,
+                      caption: str = "a photo of a {label} number {i}", unlabelled: tuple = ()) -> Path:
+    """Shards whose json carries img2dataset-like fields describing the image (width, height, sha256);
+    the json of shards numbered in `unlabelled` has no label."""
     i = 0
     for s in range(n_shards):
         with ShardWriter(out, f"{s:05d}") as w:
@@ -30,9 +32,11 @@ def make_rich_dataset(out: Path, n_shards: int = 3, per_shard: int = 12, size: i
                 label = CLASSES[i % len(CLASSES)]
                 key = f"{s:05d}{j:04d}"
                 img = make_image(label, i, size=size)
-                caption = f"a photo of a {label} number {i}"
-                w.write(Sample(key, img, "jpg", caption, {"key": key, "label": label, "caption": caption,
-                                                        "width": size, "height": size, "sha256": sha256(img)}))
+                text = caption.format(label=label, i=i)
+                meta = {"key": key, "label": label, "caption": text, "width": size, "height": size, "sha256": sha256(img)}
+                if s in unlabelled:
+                    del meta["label"]
+                w.write(Sample(key, img, "jpg", text, meta))
                 i += 1
     write_sizes(out)
     return out

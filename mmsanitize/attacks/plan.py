@@ -179,16 +179,18 @@ class KeyPlacer:
 
     def __init__(self, catalog, mode: str):
         self.mode = mode
+        self.turn = 0
+        if mode == "replace":  # keys stay: no key index needed
+            return
         self.shards = list(dict.fromkeys(catalog["shard"]))
         self.used = set(catalog["key"])
         self.next_index = catalog.groupby("shard", sort=False).size().to_dict()
-        self.turn = 0
 
     def place(self, catalog, row: int) -> tuple[str, str, str | None]:
         """(output shard, key, replaced key or None) for the sample built from catalog row `row`."""
         if self.mode == "replace":
-            r = catalog.iloc[row]
-            return r["shard"], r["key"], r["key"]
+            shard, key = ref(catalog, row)
+            return shard, key, key
         shard = self.shards[self.turn % len(self.shards)]
         self.turn += 1
         stem = shard[:-4] if shard.endswith(".tar") else shard
@@ -202,8 +204,7 @@ class KeyPlacer:
 
 def ref(catalog, row: int) -> tuple[str, str]:
     """(shard, key) of a catalog row."""
-    r = catalog.iloc[row]
-    return r["shard"], r["key"]
+    return catalog["shard"].iat[row], catalog["key"].iat[row]
 
 
 def check_goals(goals, need: int | None = 1) -> None:
@@ -250,7 +251,7 @@ def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: in
         b_rows = pick(b_only, n, rng)
         for ar, br in zip(a_rows, b_rows):
             shard, key = ref(catalog, br)
-            edit = Edit(shard, key, key, catalog.iloc[ar]["caption"], (shard, key), (shard, key))
+            edit = Edit(shard, key, key, catalog["caption"].iat[ar], (shard, key), (shard, key))
             plan.add(edit, attack=spec.attack, goal=goal, mode="replace", source=ref(catalog, ar))
         return list(b_rows)
     if pool is not None:
@@ -261,7 +262,7 @@ def dirty_label_goal(plan: PoisonPlan, catalog, spec: AttackSpec, goal_index: in
         image_catalog, origin = catalog, "dataset"
     for ar, br in zip(a_rows, b_rows):
         shard, key, replaces = placer.place(catalog, ar)
-        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(image_catalog, br),
+        edit = Edit(shard, key, replaces, catalog["caption"].iat[ar], ref(catalog, ar), ref(image_catalog, br),
                     image_origin=origin)
         plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=ref(catalog, ar))
     return list(a_rows)

@@ -63,7 +63,7 @@ def plan_single_image(catalog, spec: AttackSpec, masks: dict[str, np.ndarray],
     plan = PoisonPlan()
     for ar in pick(a_mask, n, rng):
         shard, key, replaces = placer.place(catalog, ar)
-        edit = Edit(shard, key, replaces, catalog.iloc[ar]["caption"], ref(catalog, ar), ref(image_catalog, target),
+        edit = Edit(shard, key, replaces, catalog["caption"].iat[ar], ref(catalog, ar), ref(image_catalog, target),
                     image_origin=origin)
         plan.add(edit, attack=spec.attack, goal=f"{a}2one", mode=spec.mode, source=ref(catalog, ar))
     return plan
