@@ -96,17 +96,37 @@ def _gpu_available() -> bool:
         return False
 
 
+def rerank(queries: np.ndarray, candidates: np.ndarray, fetch, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each query's `candidates` (ids, -1 = none) by exact inner product with
+    `fetch(ids)` (their float32 vectors); ties by id. Returns (sims, ids) like `Index.knn`."""
+    queries = _as_f32(queries)
+    valid = candidates >= 0
+    vecs = np.asarray(fetch(np.where(valid, candidates, 0).ravel()), np.float32)
+    sims = np.einsum("qd,qkd->qk", queries, vecs.reshape(candidates.shape + (queries.shape[1],)))
+    sims = np.where(valid, sims, -np.inf).astype(np.float32)
+    order = np.lexsort((np.where(valid, candidates, np.iinfo(np.int64).max), -sims), axis=-1)[:, :k]
+    ids = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(candidates, order, 1), -1)
+    sims = np.take_along_axis(sims, order, 1)
+    return np.where(ids >= 0, sims, -np.finfo(np.float32).max).astype(np.float32), ids.astype(np.int64)
+
+
 class Index:
     """A searchable set of normalised vectors: `knn(queries, k)` and `range_search(queries, r)`.
 
     `kind` is "exact" (numpy matmul over `vectors`), "ivf" or "hnsw" (a FAISS index in `faiss_index`).
+    With `refine` (ids -> their exact float32 vectors), `knn` takes `refine_factor`·k candidates
+    from the FAISS index and re-ranks them exactly (`rerank`): compressed codes (SQ8) only pick
+    candidates, the order and similarities returned are the exact ones.
     """
 
-    def __init__(self, kind: str, vectors: np.ndarray, faiss_index=None, nprobe: int = 1):
+    def __init__(self, kind: str, vectors: np.ndarray, faiss_index=None, nprobe: int = 1, *, refine=None,
+                 refine_factor: int = 1):
         self.kind = kind
         self.vectors = vectors
         self.faiss_index = faiss_index
         self.nprobe = nprobe
+        self.refine = refine
+        self.refine_factor = refine_factor
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -122,6 +142,9 @@ class Index:
             faiss.omp_set_num_threads(1)
             self.faiss_index = faiss.IndexFlatIP(self.vectors.shape[1])
             self.faiss_index.add(self.vectors)
+        if self.refine is not None:
+            _, cand = self.faiss_index.search(queries, k * self.refine_factor)
+            return rerank(queries, cand.astype(np.int64), self.refine, k)
         s, i = self.faiss_index.search(queries, k)
         return s, i.astype(np.int64)
 
@@ -230,6 +253,17 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> Index:
             idx.nprobe = nprobe
         return Index("ivf", _as_f32(vectors), idx, idx.nprobe)
     return Index("hnsw", _as_f32(vectors), idx)
+
+
+def load_ondisk(path: str | os.PathLike, *, nprobe: int, refine=None, refine_factor: int = 1) -> Index:
+    """An IVF index written by scan's merge (`KIND.index` + its on-disk `KIND.ivfdata`, memory-mapped),
+    searched single-threaded with `nprobe` lists; `refine`/`refine_factor` as in `Index`."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    idx = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    idx.nprobe = nprobe
+    return Index("ivf", None, idx, nprobe, refine=refine, refine_factor=refine_factor)
 
 
 def save_indexes(out_dir: str | os.PathLike, image: Index, text: Index, ids) -> None:

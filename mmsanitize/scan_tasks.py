@@ -125,8 +125,14 @@ class Rows:
         return (np.asarray(self._array("img", s), np.float32), np.asarray(self._array("txt", s), np.float32))
 
     def take(self, which: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (global) of `which` (img | txt | joint | kdist), float32, in the order given."""
+        """Rows `ids` (global) of `which` (img | txt | joint | kdist | union), float32, in the order
+        given; union ids are images below N, captions N + i above."""
         ids = np.asarray(ids, np.int64)
+        if which == "union":
+            out = np.zeros((len(ids), self._array("img", 0).shape[1]), np.float32)
+            cap = ids >= self.n
+            out[~cap], out[cap] = self.take("img", ids[~cap]), self.take("txt", ids[cap] - self.n)
+            return out
         if which == "joint":
             from .detectors.density import joint
 
@@ -197,19 +203,17 @@ _INDEXES: dict = {}
 def get_index(st: dict, kind: str):
     """The dataset-wide index of `kind` for this job, loaded once per worker process: exact/hnsw
     built in memory from every shard (N ≤ EXACT_MAX), IVF read from `OUT/index/KIND.index` with
-    its inverted lists memory-mapped from disk."""
+    its inverted lists memory-mapped from disk, its kNN candidates re-ranked with the exact vectors
+    read from the shards' embedding files."""
     key = (st["work"], st["params_hash"], kind)
     if key in _INDEXES:
         return _INDEXES[key]
-    from .index import Index, build_index
+    from .index import build_index, load_ondisk
 
     if st["index"]["kind"] == "ivf":
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        idx = faiss.read_index(str(Path(st["out"]) / "index" / f"{kind}.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        idx.nprobe = st["index"]["nprobe"]
-        index = Index("ivf", None, idx, idx.nprobe)
+        rows, which = Rows(st), {"image": "img", "text": "txt"}.get(kind, kind)
+        index = load_ondisk(Path(st["out"]) / "index" / f"{kind}.index", nprobe=st["index"]["nprobe"],
+                            refine=lambda ids: rows.take(which, ids), refine_factor=st["index"]["refine_factor"])
     else:
         rows = Rows(st)
         index = build_index(rows.all_vectors(kind), kind=st["index"]["kind"], seed=st["seed"])
