@@ -96,6 +96,58 @@ def _gpu_available() -> bool:
         return False
 
 
+def ivf_batch_range(index, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`index.range_search` (an IVF-SQ or IVF-Flat with `index.nprobe`) done list by list: the
+    queries are bucketed by the lists they probe (as faiss.contrib.big_batch_search does for kNN),
+    each list is decoded once and matched against its queries with one matrix product. Same
+    candidates and SQ-decoded similarities as faiss' per-query scan (up to float rounding), several
+    times faster for a shard's worth of queries. Returns (lims, sims, ids), ids ascending per query."""
+    import faiss
+    from faiss.contrib.inspect_tools import get_invlist
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, "blas"):  # many small products: threads only cost (and order sums differently)
+        return _ivf_batch_range(faiss, get_invlist, index, _as_f32(queries), radius)
+
+
+def _ivf_batch_range(faiss, get_invlist, index, queries, radius):
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        decode, by_residual = ivf.sq.decode, ivf.by_residual
+    elif isinstance(ivf, faiss.IndexIVFFlat):
+        decode, by_residual = (lambda codes: codes.view(np.float32)), False
+    else:
+        raise UsageError(f"range search over {type(ivf).__name__} is not supported")
+    _, assign = ivf.quantizer.search(queries, ivf.nprobe)
+    qs = np.repeat(np.arange(len(queries), dtype=np.int64), assign.shape[1])
+    ls = assign.ravel().astype(np.int64)
+    order = np.argsort(ls, kind="stable")
+    qs, ls = qs[order], ls[order]
+    starts = np.flatnonzero(np.r_[True, ls[1:] != ls[:-1]])
+    hit_q, hit_i, hit_s = [], [], []
+    for a, b in zip(starts, np.r_[starts[1:], len(ls)]):
+        lst = int(ls[a])
+        if lst < 0:
+            continue
+        ids, codes = get_invlist(ivf.invlists, lst)
+        if len(ids) == 0:
+            continue
+        q = queries[qs[a:b]]
+        sims = q @ decode(codes).T
+        if by_residual:
+            sims += (q @ ivf.quantizer.reconstruct(lst))[:, None]
+        r, c = np.nonzero(sims >= radius)
+        hit_q.append(qs[a:b][r])
+        hit_i.append(ids[c])
+        hit_s.append(sims[r, c])
+    if not hit_q:
+        return np.zeros(len(queries) + 1, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    hq, hi, hs = np.concatenate(hit_q), np.concatenate(hit_i), np.concatenate(hit_s).astype(np.float32)
+    order = np.lexsort((hi, hq))
+    lims = np.r_[0, np.cumsum(np.bincount(hq, minlength=len(queries)))].astype(np.int64)
+    return lims, hs[order], hi[order]
+
+
 def rerank(queries: np.ndarray, candidates: np.ndarray, fetch, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The best `k` of each query's `candidates` (ids, -1 = none) by exact inner product with
     `fetch(ids)` (their float32 vectors); ties by id. Returns (sims, ids) like `Index.knn`."""
@@ -154,15 +206,7 @@ class Index:
         if self.kind in ("exact", "hnsw"):
             # HNSW has no range search; exact is the honest answer (and what dedup needs).
             return exact_range(self.vectors, queries, radius)
-        lims, sims, ids = self.faiss_index.range_search(queries, float(radius))
-        lims = lims.astype(np.int64)
-        # faiss returns ids per query in probe order; sort them for determinism.
-        for q in range(len(queries)):
-            a, b = lims[q], lims[q + 1]
-            if b - a > 1:
-                order = np.argsort(ids[a:b], kind="stable")
-                ids[a:b], sims[a:b] = ids[a:b][order], sims[a:b][order]
-        return lims, sims, ids.astype(np.int64)
+        return ivf_batch_range(self.faiss_index, queries, radius)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index as one FAISS file (exact indexes as IndexFlatIP) via temp + rename."""

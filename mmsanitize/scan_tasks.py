@@ -285,7 +285,11 @@ def prepare_shard(task: ShardTask) -> dict:
         cls = keyword_classes(cat["caption"].to_numpy(dtype=object), st["vocab"])
         c = len(st["vocab"])
         sums = np.zeros((c, img.shape[1]), np.float64)
-        np.add.at(sums, cls[cls >= 0], txt[cls >= 0])
+        order = np.argsort(cls, kind="stable")
+        order = order[cls[order] >= 0]
+        if len(order):  # per-class sums of the sorted rows (np.add.at was a tenth of prepare's time)
+            starts = np.flatnonzero(np.r_[True, np.diff(cls[order]) != 0])
+            sums[cls[order][starts]] = np.add.reduceat(txt[order].astype(np.float64), starts, axis=0)
         out["class_sum"], out["class_count"] = sums, np.bincount(cls[cls >= 0], minlength=c)
         pick = _sample_rows(n, total, st["temp_sample"], seed + 1, task.index)
         pick = pick[cls[pick] >= 0]
@@ -411,12 +415,11 @@ def raw_shard(task: ShardTask) -> dict:
             index = get_index(st, "image")
             if index.kind == "ivf":
                 index.faiss_index.nprobe = st["index"]["range_nprobe"]
-            for a in range(0, n, 4096):
-                lims, _, ids = index.range_search(img[a:a + 4096], radius)
-                q = np.repeat(gid[a:a + 4096][:len(lims) - 1], np.diff(lims))
-                keep = ids != q
-                pa_.append(q[keep])
-                pb_.append(ids[keep])
+            lims, _, ids = index.range_search(img, radius)  # the whole shard: more queries per inverted list
+            q = np.repeat(gid, np.diff(lims))
+            keep = ids != q
+            pa_.append(q[keep])
+            pb_.append(ids[keep])
         dups = st["dups"]  # (gid, group) of rows whose image hash appears more than once
         mine = (dups["gid"] >= off) & (dups["gid"] < off + n)
         if mine.any():
@@ -581,7 +584,11 @@ def final_shard(task: ShardTask) -> dict:
     stats = {"count": n, "flagged": int(flagged.sum()), "flagged_by": {k_: int(v.sum()) for k_, v in fired.items()},
              "params_hash": st["params_hash"]}
     if st["truth_keys"] is not None:
-        truth = np.isin(cat.column("key").to_numpy(zero_copy_only=False).astype(object), st["truth_keys"])
+        import pyarrow.compute as pc
+
+        # a hash lookup: np.isin on object arrays compares every key with every manifest key
+        truth = pc.is_in(cat.column("key").cast(pa.string()),
+                         value_set=pa.array(st["truth_keys"], pa.string())).to_numpy(zero_copy_only=False)
         pos = {d: s[truth] for d, s in {**sc, "combined": comb}.items()}
         tops = {d: _top(s.astype(np.float32), gid, st["n_truth"]) for d, s in {**sc, "combined": comb}.items()}
         save_npz(Path(st["work"]) / f"truth_{task.name}.npz", truth=truth,
