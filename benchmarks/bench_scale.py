@@ -185,8 +185,9 @@ def recall_curve(cache: Path, scan_dir: Path, queries: int, seed: int) -> dict:
                         for f, o, c in zip(files, offs, counts)])
     best_s = np.full((len(q), 10), -np.inf, np.float32)
     best_i = np.full((len(q), 10), -1, np.int64)
+    truth = cache / f"exact_top10_n{n}_q{len(q)}_s{seed}.npz"  # the exact answer, computed once per data set
     t = time.time()
-    for f, o in zip(files, offs):
+    for f, o in zip(files, offs) if not truth.exists() else ():
         base = np.asarray(np.load(f), np.float32)
         sims = q @ base.T
         top = np.argpartition(-sims, 10, axis=1)[:, :10]
@@ -194,7 +195,12 @@ def recall_curve(cache: Path, scan_dir: Path, queries: int, seed: int) -> dict:
         cand_i = np.concatenate([best_i, top + o], 1)
         keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :10]
         best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    t_exact = time.time() - t
+    if truth.exists():
+        z = np.load(truth)
+        best_i, t_exact = z["ids"], float(z["seconds"])
+    else:
+        t_exact = time.time() - t
+        np.savez(truth, ids=best_i, seconds=t_exact)
     out = {"kind": s["index"]["kind"], "exact_ms": 1000 * t_exact / len(q), "curve": []}
     if not isinstance(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR), faiss.IndexIVF):
         return out
