@@ -99,9 +99,10 @@ def _gpu_available() -> bool:
 def ivf_batch_range(index, queries: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`index.range_search` (an IVF-SQ or IVF-Flat with `index.nprobe`) done list by list: the
     queries are bucketed by the lists they probe (as faiss.contrib.big_batch_search does for kNN),
-    each list is decoded once and matched against its queries with one matrix product. Same
-    candidates and SQ-decoded similarities as faiss' per-query scan (up to float rounding), several
-    times faster for a shard's worth of queries. Returns (lims, sims, ids), ids ascending per query."""
+    each probed list is read once and matched against its queries with one matrix product (SQ8:
+    on the raw codes). Same candidates and SQ-decoded similarities as faiss' per-query scan (up to
+    float rounding); about 2x faster than it for a shard of 10,000 queries on the 1M-pair bench
+    index. Returns (lims, sims, ids), ids ascending per query."""
     import faiss
     from faiss.contrib.inspect_tools import get_invlist
     from threadpoolctl import threadpool_limits
@@ -112,7 +113,15 @@ def ivf_batch_range(index, queries: np.ndarray, radius: float) -> tuple[np.ndarr
 
 def _ivf_batch_range(faiss, get_invlist, index, queries, radius):
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+    lhs, bias = queries, np.zeros(len(queries), np.float32)
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer) and ivf.sq.qtype == faiss.ScalarQuantizer.QT_8bit:
+        # x = vmin + (code + 0.5) / 255 * vdiff per dimension, so q·x = (q * vdiff / 255)·code plus a
+        # per-query constant: products with the raw codes instead of decoding every list per shard
+        vmin, vdiff = np.split(faiss.vector_to_array(ivf.sq.trained).astype(np.float32), 2)
+        lhs = queries * (vdiff / np.float32(255.0))
+        bias = queries @ vmin + np.float32(0.5) * lhs.sum(1)
+        decode, by_residual = (lambda codes: codes.astype(np.float32)), ivf.by_residual
+    elif isinstance(ivf, faiss.IndexIVFScalarQuantizer):
         decode, by_residual = ivf.sq.decode, ivf.by_residual
     elif isinstance(ivf, faiss.IndexIVFFlat):
         decode, by_residual = (lambda codes: codes.view(np.float32)), False
@@ -132,12 +141,12 @@ def _ivf_batch_range(faiss, get_invlist, index, queries, radius):
         ids, codes = get_invlist(ivf.invlists, lst)
         if len(ids) == 0:
             continue
-        q = queries[qs[a:b]]
-        sims = q @ decode(codes).T
+        sel = qs[a:b]
+        sims = lhs[sel] @ decode(codes).T + bias[sel][:, None]
         if by_residual:
-            sims += (q @ ivf.quantizer.reconstruct(lst))[:, None]
+            sims += (queries[sel] @ ivf.quantizer.reconstruct(lst))[:, None]
         r, c = np.nonzero(sims >= radius)
-        hit_q.append(qs[a:b][r])
+        hit_q.append(sel[r])
         hit_i.append(ids[c])
         hit_s.append(sims[r, c])
     if not hit_q:
