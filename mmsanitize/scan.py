@@ -54,8 +54,10 @@ SCAN_VERSION = 7
 # The client's budget: seeded samples of at most FIT_SAMPLE values per detector (thresholds, the
 # combination's references); every other per-pair array lives in one shard's task.
 FIT_SAMPLE = 200_000
-# IVF kNN: FAISS returns REFINE_FACTOR·k candidates by their SQ8 codes, re-ranked exactly.
-REFINE_FACTOR = 4
+# IVF kNN: FAISS returns REFINE_FACTOR·k candidates by their SQ8 codes, re-ranked exactly. With
+# nprobe max(64, nlist/64) this recalled 0.9995 of the exact top 10 at 1M pairs (0.9733 in SQ8
+# order; the old nprobe 31: 0.907, 0.920 re-ranked), docs/scale.md.
+REFINE_FACTOR = 2
 
 
 def parse_threshold(threshold) -> float | str | None:
@@ -501,7 +503,7 @@ def scan(
             # vectors (docs/scale.md: the recall curve); the near-duplicate range search (cosine
             # >= ~0.94) only range_nprobe: a copy that close sits in its original's cell or a
             # neighbouring one.
-            index.update(nlist=nlist, nprobe=max(16, nlist // 128), refine_factor=REFINE_FACTOR, range_nprobe=8,
+            index.update(nlist=nlist, nprobe=max(64, nlist // 64), refine_factor=REFINE_FACTOR, range_nprobe=8,
                          codec="SQ8",
                          train=min(n_total, 40 * nlist), storage="on-disk inverted lists (faiss OnDiskInvertedLists)")
         st = {"work": str(work), "out": str(out), "params_hash": phash, "seed": seed, "k": k,
