@@ -549,8 +549,7 @@ def scan(
         if kind == "ivf":
             for kd in kinds:
                 if overwrite or not (work / f"{kd}.trained.json").exists():
-                    client.submit(T.train_index, state, kd, names, sum(client.nthreads().values()),
-                                  pure=False).result()
+                    client.submit(T.train_index, state, kd, names, pure=False).result()
                 index["trained_on"] = json.loads((work / f"{kd}.trained.json").read_text())["trained_on"]
             phase(T.fill_shard, "index", "fill")
             for kd in kinds:

@@ -306,26 +306,13 @@ def prepare_shard(task: ShardTask) -> dict:
     return _mark(st["work"], "prep", task.name, st["params_hash"], count=n)
 
 
-def train_index(state: str, kind: str, names: list[str], threads: int = 1) -> dict:
-    """Train the IVF index of `kind` on the prepare samples; writes `WORK/KIND.trained`. The only
-    task running at that point, so it may use `threads` cores (k-means gave byte-identical
-    centroids with 1 and 2 threads: BLAS splits the output blocks, faiss sums each centroid in order)."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    threads = max(1, min(threads, os.cpu_count() or 1))
-    with threadpool_limits(threads):
-        faiss.omp_set_num_threads(threads)
-        try:
-            return _train_index(state, kind, names)
-        finally:
-            faiss.omp_set_num_threads(1)
-
-
-def _train_index(state: str, kind: str, names: list[str]) -> dict:
+def train_index(state: str, kind: str, names: list[str]) -> dict:
+    """Train the IVF index of `kind` on the prepare samples; writes `WORK/KIND.trained`. One
+    thread: 2 threads measured slower on the shared 2-core machine (docs/scale.md)."""
     import faiss
 
     st = load_state(state)
+    faiss.omp_set_num_threads(1)
     sample = np.concatenate([np.load(Path(st["work"]) / f"prep_{n}.npz")[f"train_{kind}"] for n in names])
     sample = np.ascontiguousarray(sample, np.float32)
     p = st["index"]
