@@ -11,10 +11,13 @@ Then runs, each as `python -m mmsanitize` in a child process whose tree is sampl
   - the default scan with 2 workers, and the same job with 1 worker (on --ratio-shards shards),
   - the all-detector scan with 2 workers (on --all-shards shards),
 and prints wall time, samples/s, peak RSS of the client and of the largest worker, the 2-vs-1
-worker ratio, kNN recall@10 of the scan's image index against exact search on --queries sampled
-queries, and the planted-poison AUROC per detector.
+worker ratio, kNN recall@10 and ms/query of the scan's image index against exact search on
+--queries seeded queries for the scan's (nprobe, re-rank) setting and a grid around it (exact
+answer cached per data set), and the planted-poison AUROC per detector. --skip-ratio,
+--only-ratio and --skip-all pick the jobs; --code CHECKOUT runs another checkout's mmsanitize
+on the same data (a before/after in one session).
 
-Usage: nice python benchmarks/bench_scale.py --n 1000000 [--ratio-shards 20] [--all-shards 20]
+Usage: nice python benchmarks/bench_scale.py --n 1000000 [--ratio-shards 20] [--all-shards 20] [--code DIR]
 """
 
 from __future__ import annotations
