@@ -7,7 +7,9 @@ that makes IndexFlatIP ~5x slower than numpy's BLAS; on the development machine 
 (faiss 82-98 GFLOP/s vs numpy matmul + torch.topk ~50), so faiss is the default and the numpy
 path (blockwise matmul + torch.topk) is the fallback; benchmarks/bench_scan.py measures both.
 The backend is fixed, not picked per run, so tie order (hence outputs) never changes between
-runs. IVF/HNSW use FAISS, on the GPU when faiss-gpu and CUDA are present. Indexes save as FAISS files (`image.index`, `text.index`)
+runs. IVF/HNSW use FAISS, on the GPU when faiss-gpu and CUDA are present. Scan's on-disk
+IVF-SQ8 (`load_ondisk`) re-ranks its kNN candidates with the exact vectors (`rerank`) and
+answers range searches list by list (`ivf_batch_range`). Indexes save as FAISS files (`image.index`, `text.index`)
 with `ids.parquet` (row -> key, shard) beside them.
 """
 
