@@ -29,6 +29,7 @@ setup(
         "braceexpand",
         "scikit-learn",  # mixture cut, AUROC (was only pulled in by sentence-transformers)
         "scipy",  # ranks and normal quantiles of the scan combination
+        "threadpoolctl",  # one BLAS thread in the list-bucketed range search (also a scikit-learn dependency)
     ],
     extras_require={
         # faiss-gpu and faiss-cpu both provide the module `faiss`: install one of them only.

@@ -11,10 +11,13 @@ Then runs, each as `python -m mmsanitize` in a child process whose tree is sampl
   - the default scan with 2 workers, and the same job with 1 worker (on --ratio-shards shards),
   - the all-detector scan with 2 workers (on --all-shards shards),
 and prints wall time, samples/s, peak RSS of the client and of the largest worker, the 2-vs-1
-worker ratio, kNN recall@10 of the scan's image index against exact search on --queries sampled
-queries, and the planted-poison AUROC per detector.
+worker ratio, kNN recall@10 and ms/query of the scan's image index against exact search on
+--queries seeded queries for the scan's (nprobe, re-rank) setting and a grid around it (exact
+answer cached per data set), and the planted-poison AUROC per detector. --skip-ratio,
+--only-ratio and --skip-all pick the jobs; --code CHECKOUT runs another checkout's mmsanitize
+on the same data (a before/after in one session).
 
-Usage: nice python benchmarks/bench_scale.py --n 1000000 [--ratio-shards 20] [--all-shards 20]
+Usage: nice python benchmarks/bench_scale.py --n 1000000 [--ratio-shards 20] [--all-shards 20] [--code DIR]
 """
 
 from __future__ import annotations
@@ -163,14 +166,18 @@ def shard_subset(cache: Path, count: int | None) -> str:
     return str(cache / "data" / ("{00000..%05d}.tar" % (count - 1)))
 
 
-def recall_at_10(cache: Path, scan_dir: Path, queries: int, seed: int) -> tuple[float, float, str]:
-    """Recall@10 of the scan's image index vs exact inner-product search (streamed over shards)."""
+def recall_curve(cache: Path, scan_dir: Path, queries: int, seed: int) -> dict:
+    """Recall@10 of the scan's image index vs exact inner-product search (streamed over shards) on
+    `queries` seeded queries, for the scan's own (nprobe, refine factor) and a grid around it:
+    refine None = FAISS's SQ8 order, else `refine`·10 candidates re-ranked exactly from the float16
+    embedding files (`mmsanitize.index.rerank`, as the scan's tasks do)."""
     import faiss
 
+    from mmsanitize.index import load_ondisk
+    from mmsanitize.scan_tasks import Rows
+
     s = json.loads((scan_dir / "summary.json").read_text())
-    idx = faiss.read_index(str(scan_dir / "index" / "image.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    if isinstance(idx, faiss.IndexIVF):
-        idx.nprobe = s["index"]["nprobe"]
+    path = scan_dir / "index" / "image.index"
     files = sorted((cache / "emb" / "img_emb").glob("*.npy"))[:len(list((scan_dir).glob("scores_*.parquet")))]
     counts = [np.load(f, mmap_mode="r").shape[0] for f in files]
     n = sum(counts)
@@ -179,13 +186,11 @@ def recall_at_10(cache: Path, scan_dir: Path, queries: int, seed: int) -> tuple[
     offs = np.r_[0, np.cumsum(counts)]
     q = np.concatenate([np.asarray(np.load(f, mmap_mode="r")[q_ids[(q_ids >= o) & (q_ids < o + c)] - o], np.float32)
                         for f, o, c in zip(files, offs, counts)])
-    t = time.time()
-    _, approx = idx.search(q, 10)
-    t_idx = time.time() - t
     best_s = np.full((len(q), 10), -np.inf, np.float32)
     best_i = np.full((len(q), 10), -1, np.int64)
+    truth = cache / f"exact_top10_n{n}_q{len(q)}_s{seed}.npz"  # the exact answer, computed once per data set
     t = time.time()
-    for f, o in zip(files, offs):
+    for f, o in zip(files, offs) if not truth.exists() else ():
         base = np.asarray(np.load(f), np.float32)
         sims = q @ base.T
         top = np.argpartition(-sims, 10, axis=1)[:, :10]
@@ -193,9 +198,28 @@ def recall_at_10(cache: Path, scan_dir: Path, queries: int, seed: int) -> tuple[
         cand_i = np.concatenate([best_i, top + o], 1)
         keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :10]
         best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
-    t_exact = time.time() - t
-    hits = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, best_i)])
-    return float(hits), t_exact / max(t_idx, 1e-9), s["index"]["kind"]
+    if truth.exists():
+        z = np.load(truth)
+        best_i, t_exact = z["ids"], float(z["seconds"])
+    else:
+        t_exact = time.time() - t
+        np.savez(truth, ids=best_i, seconds=t_exact)
+    out = {"kind": s["index"]["kind"], "exact_ms": 1000 * t_exact / len(q), "curve": []}
+    if not isinstance(faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR), faiss.IndexIVF):
+        return out
+    rows = Rows({"shards": [{"img": str(f)} for f in files], "offsets": offs, "work": str(scan_dir)})
+    used = (s["index"]["nprobe"], s["index"].get("refine_factor"))
+    grid = sorted({used} | {(p, r) for p in (31, 64, 128) for r in (None, 2, 4)}, key=lambda x: (x[0], x[1] or 0))
+    for nprobe, refine in grid:
+        index = load_ondisk(path, nprobe=nprobe, refine=None if refine is None else (lambda ids: rows.take("img", ids)),
+                            refine_factor=refine or 1)
+        index.knn(q[:200], 10)  # warm the touched lists' pages
+        t = time.time()
+        approx = np.concatenate([index.knn(q[a:a + 1024], 10)[1] for a in range(0, len(q), 1024)])  # scan's block
+        ms = 1000 * (time.time() - t) / len(q)
+        hits = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, best_i)]))
+        out["curve"].append({"nprobe": nprobe, "refine": refine, "recall": hits, "ms": ms, "scan": (nprobe, refine) == used})
+    return out
 
 
 def main() -> None:
@@ -208,6 +232,12 @@ def main() -> None:
     ap.add_argument("--ratio-shards", type=int, default=None, help="Shards for the 1-vs-2-worker job (default all).")
     ap.add_argument("--all-shards", type=int, default=None, help="Shards for the all-detector scan (default all).")
     ap.add_argument("--skip-all", action="store_true", help="Skip the all-detector scan.")
+    ap.add_argument("--skip-ratio", action="store_true", help="Skip the 1-vs-2-worker job.")
+    ap.add_argument("--only-ratio", action="store_true",
+                    help="Run only the 1-vs-2-worker job (on --ratio-shards shards) and print its ratio.")
+    ap.add_argument("--code", default=str(ROOT),
+                    help="The checkout whose mmsanitize the scans run (default this one; another checkout gives "
+                         "a before/after on the same data).")
     ap.add_argument("--queries", type=int, default=10_000)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -220,7 +250,9 @@ def main() -> None:
     work = Path(args.work) if args.work else cache / "runs"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MMSANITIZE_PROGRESS="0")
+    env = dict(os.environ, PYTHONPATH=str(Path(args.code).resolve()), MMSANITIZE_PROGRESS="0")
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=args.code, capture_output=True, text=True)
+    print(f"code: {Path(args.code).resolve()} ({rev.stdout.strip() or 'not a git checkout'})", flush=True)
     py = [sys.executable, "-m", "mmsanitize"]
     man = str(cache / "manifest.parquet")
     rows = []
@@ -241,14 +273,13 @@ def main() -> None:
     print(f"catalog (once, cached for the scans): {r['seconds']:.0f} s, {args.n / r['seconds']:,.0f} pairs/s, "
           f"peak RSS client {r['client_rss'] / 2**30:.2f} GiB, worker {r['worker_rss'] / 2**30:.2f} GiB", flush=True)
     full = shard_subset(cache, None)
-    d2 = scan("default_2w", full, 2)
+    d2 = None if args.only_ratio else scan("default_2w", full, 2)
     sub = shard_subset(cache, args.ratio_shards)
-    if sub == full:
-        r2 = d2
-    else:
-        r2 = scan("ratio_2w", sub, 2)
-    r1 = scan("ratio_1w", sub, 1)
-    if not args.skip_all:
+    r1 = r2 = None
+    if not args.skip_ratio:
+        r2 = d2 if sub == full and d2 is not None else scan("ratio_2w", sub, 2)
+        r1 = scan("ratio_1w", sub, 1)
+    if not (args.skip_all or args.only_ratio):
         scan("all_2w", shard_subset(cache, args.all_shards), 2, "--flag-fraction", "0.01", "--detectors",
              "similarity,class_consistency,image_reuse,caption_neighbours,density,kdistance")
 
@@ -257,10 +288,19 @@ def main() -> None:
     for r in rows:
         print(f"| {r['tag']} | {r['n']:,} | {r['workers']} | {r['seconds']:.0f} | {r['n'] / r['seconds']:,.0f} | "
               f"{r['client_rss'] / 2**30:.2f} | {r['worker_rss'] / 2**30:.2f} |")
-    print(f"\n2 workers vs 1 on the default scan of {r1['n']:,} pairs: {r1['seconds'] / r2['seconds']:.2f}x")
-    rec, speed, kind = recall_at_10(cache, work / "default_2w", args.queries, args.seed)
-    print(f"kNN recall@10 of the scan's image index ({kind}) vs exact, {args.queries:,} queries: {rec:.4f} "
-          f"(index search {speed:.1f}x faster than the exact scan here)")
+    if r1 is not None:
+        print(f"\n2 workers vs 1 on the default scan of {r1['n']:,} pairs: {r1['seconds'] / r2['seconds']:.2f}x")
+    if d2 is None:
+        return
+    rc = recall_curve(cache, work / "default_2w", args.queries, args.seed)
+    print(f"\nkNN recall@10 of the scan's image index ({rc['kind']}) vs exact search on {args.queries:,} seeded "
+          f"queries (exact: {rc['exact_ms']:.2f} ms/query, streamed over the float16 files):")
+    print("| nprobe | re-rank | recall@10 | ms/query | vs exact | scan's setting |")
+    print("|---|---|---|---|---|---|")
+    for c in rc["curve"]:
+        rr = "no (SQ8 order)" if c["refine"] is None else f"{c['refine']}x{10} candidates"
+        print(f"| {c['nprobe']} | {rr} | {c['recall']:.4f} | {c['ms']:.3f} | {rc['exact_ms'] / c['ms']:.0f}x faster | "
+              f"{'yes' if c['scan'] else ''} |")
     print("\nplanted-poison detection (summary.json, --manifest):")
     print("| scan | detector | AUROC | precision@k | flagged | precision | recall |")
     print("|---|---|---|---|---|---|---|")

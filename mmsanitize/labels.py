@@ -63,11 +63,15 @@ def keyword_classes(captions, vocab: dict[str, list[str]]):
     import numpy as np
     import pandas as pd
 
-    caps = pd.Series(captions, dtype="object").fillna("").astype(str)
-    out = np.full(len(caps), -1, dtype=np.int64)
+    lowered = pd.Series(captions, dtype="object").fillna("").astype(str).str.lower().to_numpy(dtype=object)
+    out = np.full(len(lowered), -1, dtype=np.int64)
+    todo = np.arange(len(lowered))  # captions without a class yet: the only ones a later class can take
     for i, words in enumerate(vocab.values()):
-        hit = keyword_mask(caps, words) & (out < 0)
-        out[hit] = i
+        if not len(todo):
+            break
+        hit = _lowered_mask(lowered[todo], words)
+        out[todo[hit]] = i
+        todo = todo[~hit]
     return out
 
 
@@ -76,6 +80,15 @@ def keyword_mask(captions, words: list[str]):
     alternatives = "|".join(re.escape(w.lower()) for w in words if w)
     pattern = rf"\b(?:{alternatives})(?:s|es)?\b"
     return captions.fillna("").str.lower().str.contains(pattern, regex=True).to_numpy()
+
+
+def _lowered_mask(lowered, words: list[str]):
+    """`keyword_mask` of captions already lower-cased, as an object array of str."""
+    import pandas as pd
+
+    alternatives = "|".join(re.escape(w.lower()) for w in words if w)
+    pattern = rf"\b(?:{alternatives})(?:s|es)?\b"
+    return pd.Series(lowered, dtype="object").str.contains(pattern, regex=True).to_numpy(dtype=bool)
 
 
 def _column(catalog, label_from: str):

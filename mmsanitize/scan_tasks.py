@@ -125,8 +125,14 @@ class Rows:
         return (np.asarray(self._array("img", s), np.float32), np.asarray(self._array("txt", s), np.float32))
 
     def take(self, which: str, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (global) of `which` (img | txt | joint | kdist), float32, in the order given."""
+        """Rows `ids` (global) of `which` (img | txt | joint | kdist | union), float32, in the order
+        given; union ids are images below N, captions N + i above."""
         ids = np.asarray(ids, np.int64)
+        if which == "union":
+            out = np.zeros((len(ids), self._array("img", 0).shape[1]), np.float32)
+            cap = ids >= self.n
+            out[~cap], out[cap] = self.take("img", ids[~cap]), self.take("txt", ids[cap] - self.n)
+            return out
         if which == "joint":
             from .detectors.density import joint
 
@@ -197,19 +203,17 @@ _INDEXES: dict = {}
 def get_index(st: dict, kind: str):
     """The dataset-wide index of `kind` for this job, loaded once per worker process: exact/hnsw
     built in memory from every shard (N ≤ EXACT_MAX), IVF read from `OUT/index/KIND.index` with
-    its inverted lists memory-mapped from disk."""
+    its inverted lists memory-mapped from disk, its kNN candidates re-ranked with the exact vectors
+    read from the shards' embedding files."""
     key = (st["work"], st["params_hash"], kind)
     if key in _INDEXES:
         return _INDEXES[key]
-    from .index import Index, build_index
+    from .index import build_index, load_ondisk
 
     if st["index"]["kind"] == "ivf":
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        idx = faiss.read_index(str(Path(st["out"]) / "index" / f"{kind}.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        idx.nprobe = st["index"]["nprobe"]
-        index = Index("ivf", None, idx, idx.nprobe)
+        rows, which = Rows(st), {"image": "img", "text": "txt"}.get(kind, kind)
+        index = load_ondisk(Path(st["out"]) / "index" / f"{kind}.index", nprobe=st["index"]["nprobe"],
+                            refine=lambda ids: rows.take(which, ids), refine_factor=st["index"]["refine_factor"])
     else:
         rows = Rows(st)
         index = build_index(rows.all_vectors(kind), kind=st["index"]["kind"], seed=st["seed"])
@@ -281,7 +285,11 @@ def prepare_shard(task: ShardTask) -> dict:
         cls = keyword_classes(cat["caption"].to_numpy(dtype=object), st["vocab"])
         c = len(st["vocab"])
         sums = np.zeros((c, img.shape[1]), np.float64)
-        np.add.at(sums, cls[cls >= 0], txt[cls >= 0])
+        order = np.argsort(cls, kind="stable")
+        order = order[cls[order] >= 0]
+        if len(order):  # per-class sums of the sorted rows (np.add.at was a tenth of prepare's time)
+            starts = np.flatnonzero(np.r_[True, np.diff(cls[order]) != 0])
+            sums[cls[order][starts]] = np.add.reduceat(txt[order].astype(np.float64), starts, axis=0)
         out["class_sum"], out["class_count"] = sums, np.bincount(cls[cls >= 0], minlength=c)
         pick = _sample_rows(n, total, st["temp_sample"], seed + 1, task.index)
         pick = pick[cls[pick] >= 0]
@@ -299,7 +307,8 @@ def prepare_shard(task: ShardTask) -> dict:
 
 
 def train_index(state: str, kind: str, names: list[str]) -> dict:
-    """Train the IVF index of `kind` on the prepare samples; writes `WORK/KIND.trained`."""
+    """Train the IVF index of `kind` on the prepare samples; writes `WORK/KIND.trained`. One
+    thread: 2 threads measured slower on the shared 2-core machine (docs/scale.md)."""
     import faiss
 
     st = load_state(state)
@@ -407,12 +416,11 @@ def raw_shard(task: ShardTask) -> dict:
             index = get_index(st, "image")
             if index.kind == "ivf":
                 index.faiss_index.nprobe = st["index"]["range_nprobe"]
-            for a in range(0, n, 4096):
-                lims, _, ids = index.range_search(img[a:a + 4096], radius)
-                q = np.repeat(gid[a:a + 4096][:len(lims) - 1], np.diff(lims))
-                keep = ids != q
-                pa_.append(q[keep])
-                pb_.append(ids[keep])
+            lims, _, ids = index.range_search(img, radius)  # the whole shard: more queries per inverted list
+            q = np.repeat(gid, np.diff(lims))
+            keep = ids != q
+            pa_.append(q[keep])
+            pb_.append(ids[keep])
         dups = st["dups"]  # (gid, group) of rows whose image hash appears more than once
         mine = (dups["gid"] >= off) & (dups["gid"] < off + n)
         if mine.any():
@@ -577,7 +585,11 @@ def final_shard(task: ShardTask) -> dict:
     stats = {"count": n, "flagged": int(flagged.sum()), "flagged_by": {k_: int(v.sum()) for k_, v in fired.items()},
              "params_hash": st["params_hash"]}
     if st["truth_keys"] is not None:
-        truth = np.isin(cat.column("key").to_numpy(zero_copy_only=False).astype(object), st["truth_keys"])
+        import pyarrow.compute as pc
+
+        # a hash lookup: np.isin on object arrays compares every key with every manifest key
+        truth = pc.is_in(cat.column("key").cast(pa.string()),
+                         value_set=pa.array(st["truth_keys"], pa.string())).to_numpy(zero_copy_only=False)
         pos = {d: s[truth] for d, s in {**sc, "combined": comb}.items()}
         tops = {d: _top(s.astype(np.float32), gid, st["n_truth"]) for d, s in {**sc, "combined": comb}.items()}
         save_npz(Path(st["work"]) / f"truth_{task.name}.npz", truth=truth,
