@@ -68,6 +68,7 @@ def sanitize(
     out: str | os.PathLike,
     verify: str | os.PathLike | None = None,
     drop: tuple[str, ...] = ("changed",),
+    drop_labels: tuple[str, ...] = (),
     scheduler: str | None = None,
     workers: int | None = None,
     retries: int = 1,
@@ -77,7 +78,8 @@ def sanitize(
 
     `verify` (a `mmsanitize verify` folder) also drops the samples whose re-fetched URL has a
     status in `drop` (default: changed; e.g. ("changed", "gone")), reason `verify: STATUS`.
-    At least one of `scan` and `verify` is needed.
+    `drop_labels` drops every sample whose catalog `label` is one of them, reason `label: LABEL`
+    (e.g. a clean split without the attacked class). At least one of the three is needed.
 
     Raises UsageError when the scan does not cover these shards, when the output would be the
     input folder, or when a shard would lose every sample (nothing sensible to write).
@@ -88,11 +90,11 @@ def sanitize(
     out = Path(out)
     if out.resolve() == paths[0].parent.resolve():
         raise UsageError("--out must differ from the input folder")
-    if scan is None and verify is None:
-        raise UsageError("give --scan DIR (mmsanitize scan) and/or --verify DIR (mmsanitize verify)")
+    if scan is None and verify is None and not drop_labels:
+        raise UsageError("give --scan DIR (mmsanitize scan), --verify DIR (mmsanitize verify) and/or --drop-label LABEL")
     names = {shard_stem(p): p for p in paths}
-    scores = _verify_drops(verify, drop, names) if scan is None else None
-    if scores is None:
+    scores = None
+    if scan is not None:
         scores_path = Path(scan) / "scores.parquet"
         if not scores_path.exists():
             raise UsageError(f"{scan} is not a scan folder (no scores.parquet; `mmsanitize scan SHARDS --model REF "
@@ -108,8 +110,10 @@ def sanitize(
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
         if missing:
             raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
-        if verify is not None:
-            scores = _merge_flags(scores, _verify_drops(verify, drop, names))
+    extra = [_verify_drops(verify, drop, names)] if verify is not None else []
+    extra += [_label_drops(paths, drop_labels, scheduler, workers)] if drop_labels else []
+    for flags in extra:
+        scores = flags if scores is None else _merge_flags(scores, flags)
     flagged = scores[scores["flagged"]]
     flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
     by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
@@ -136,6 +140,9 @@ def sanitize(
     if verify is not None:
         summary.update(verify=str(verify), verify_drop=list(drop),
                        removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))
+    if drop_labels:
+        summary.update(drop_label=list(drop_labels),
+                       removed_by_label=int(removed["reason"].str.contains("label: ", regex=False).sum()))
     write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
     return summary
 
@@ -156,6 +163,23 @@ def _verify_drops(verify, drop, names: dict):
     flags = every.merge(rows, on=["key", "shard"], how="left")
     return pd.DataFrame({"key": flags["key"], "shard": flags["shard"], "combined": float("nan"),
                          "flagged": flags["status"].notna(), "reason": ("verify: " + flags["status"]).fillna("")})
+
+
+def _label_drops(paths: list, labels: tuple[str, ...], scheduler, workers):
+    """The catalog's rows as scores-like flags: flagged when the sample's `label` is in `labels`.
+    Raises UsageError for a label no sample carries (a typo would otherwise drop nothing)."""
+    import pandas as pd
+
+    from .catalog import build_catalog
+
+    cat = build_catalog(paths, scheduler=scheduler, workers=workers)
+    present = set(cat["label"].dropna())
+    unknown = [x for x in labels if x not in present]
+    if unknown:
+        raise UsageError(f"no sample is labelled {unknown[0]!r} (labels: {', '.join(sorted(present)) or 'none'})")
+    hit = cat["label"].isin(set(labels))
+    return pd.DataFrame({"key": cat["key"], "shard": cat["shard"], "combined": float("nan"), "flagged": hit,
+                         "reason": ("label: " + cat["label"].fillna("")).where(hit, "")})
 
 
 def _merge_flags(scores, flags):
