@@ -75,6 +75,7 @@ class Modality:
     dataset: str
     experiment: str
     runs: list[ModalityRun]
+    goal: str  # the attack goal the table reports (the experiment's first)
     notes: str = ""
 
 
@@ -144,14 +145,14 @@ def load_config(path: str | Path) -> Config:
     return Config(name=raw.get("name", path.stem), title=raw.get("title", path.stem), seed=int(raw.get("seed", 0)),
                   epochs=int(train.get("epochs", 10)), train_args=list(train.get("args", ["--lock", "backbones"])),
                   datasets=datasets, experiments=exps, defenses=defenses,
-                  modality=_modality(raw.get("modality"), names, path), paper=_paper(raw.get("paper"), path),
+                  modality=_modality(raw.get("modality"), exps, path), paper=_paper(raw.get("paper"), path),
                   notes=raw.get("notes", ""))
 
 
-def _modality(raw, names: list, path: Path) -> Modality | None:
+def _modality(raw, exps: list[Experiment], path: Path) -> Modality | None:
     if not raw:
         return None
-    if (raw.get("dataset"), raw.get("experiment")) not in names:
+    if (raw.get("dataset"), raw.get("experiment")) not in [(e.dataset, e.name) for e in exps]:
         raise ConfigError(f"{path}: modality names no experiment ({raw.get('dataset')}, {raw.get('experiment')})")
     runs = []
     for i, r in enumerate(raw.get("runs") or []):
@@ -160,7 +161,8 @@ def _modality(raw, names: list, path: Path) -> Modality | None:
         runs.append(ModalityRun(str(r["name"]), str(r["label"]), [str(a) for a in r.get("args", [])], r.get("paper")))
     if len({r.name for r in runs}) != len(runs):
         raise ConfigError(f"{path}: two modality runs share a name")
-    return Modality(raw["dataset"], raw["experiment"], runs, raw.get("notes", ""))
+    goal = raw.get("goal") or next(e.goals[0] for e in exps if (e.dataset, e.name) == (raw["dataset"], raw["experiment"]))
+    return Modality(raw["dataset"], raw["experiment"], runs, goal, raw.get("notes", ""))
 
 
 PAPER_SECTIONS = {"utility", "I", "II", "III", "rate", "scan", "defense", "modality"}
