@@ -35,6 +35,17 @@ def hit_row(model: str, metrics: dict | None, goal: str, **extra) -> dict:
             "MinRank": t.get("min_rank_mean"), **extra}
 
 
+def auto_cut(summary: dict) -> list[str]:
+    """How `--threshold auto` cut the similarity scores of one scan (scanning.md, thresholds)."""
+    fit = (summary.get("thresholds") or {}).get("similarity_auto")
+    if not fit or not fit.get("weights"):
+        return []
+    gmm = "none" if fit.get("gmm_threshold") is None else f"{fit['gmm_threshold']:.3f}"
+    used = "used" if fit["method"] == "gmm" else "not used"
+    return [f"Similarity `auto` cut: {fit['method']}, cosine < {fit['threshold']:.3f}; the 2-component mixture put "
+            f"{fit['weights'][0]:.0%} of the pairs in its low component (its cut {gmm}, {used}).", ""]
+
+
 def is_full_set(e: Experiment) -> bool:
     """Replace mode at source fraction 1: the setting of the paper's Tables 2-5."""
     return e.mode == "replace" and e.amount == 1.0
@@ -192,6 +203,7 @@ class Renderer:
             L += ["", f"{sm['flagged']:,} of {sm['samples']:,} pairs flagged; {left} of {det['poisoned']} poisoned pairs "
                   f"left after sanitizing. Page with the flagged pairs: {rel(r / 'report.html', self.w)}. "
                   f"From {rel(r / 'scan', self.w)}.", ""]
+            L += auto_cut(sm)
             L += self.outcome(e)
         if self.cfg.paper.get("scan"):
             L += [paper_source(self.cfg, "scan"), ""]
