@@ -167,16 +167,29 @@ def modality(plan: Plan) -> list[str]:
 def utility_gap(plan: Plan) -> list[str]:
     """Our clean-trained utility against the paper's clean models (Table 2)."""
     fp = paper_value(plan.cfg, "utility", "FP clean", "t2i R@10"), paper_value(plan.cfg, "utility", "FP clean", "i2t R@10")
-    L = []
+    L, drops = [], []
     for ds in plan.cfg.datasets:
         u = utility(load(plan.run_dir(ds, "clean") / "metrics.json"))
-        if u and fp[0] is not None:
-            L.append(f"{ds} IR/TR R@10 {f3(u['t2i_r@10'])}/{f3(u['i2t_r@10'])}")
+        if not (u and fp[0] is not None):
+            continue
+        L.append(f"{ds} IR/TR R@10 {f3(u['t2i_r@10'])}/{f3(u['i2t_r@10'])}")
+        poisoned = [(utility(load(plan.run_dir(ds, e.name) / "metrics.json")).get("t2i_r@10"), e.name)
+                    for e in plan.cfg.experiments if e.dataset == ds and e.mode == "replace" and e.amount == 1.0]
+        poisoned = [x for x in poisoned if x[0] is not None]
+        if poisoned:
+            worst = min(poisoned)
+            drops.append(f"{ds} {worst[1]} {f3(worst[0])} vs clean {f3(u['t2i_r@10'])}")
     if not L:
         return []
-    return [f"- Utility is far below the paper's (clean-trained {'; '.join(L)} vs FP {f3(fp[0])}/{f3(fp[1])}): frozen "
-            "EfficientNet-B0 + MiniLM with 256-d projections trained on about a thousand pairs stand in for CLIP "
-            "ViT-B/32 pretrained on 400M pairs. Compare the direction of each finding, not absolute numbers."]
+    paper_attacks = [r["t2i R@10"] for r in (plan.cfg.paper.get("utility") or {}).get("rows", [])
+                     if r["model"].startswith("FP Attack")]
+    out = [f"- Utility is far below the paper's (clean-trained {'; '.join(L)} vs FP {f3(fp[0])}/{f3(fp[1])}): frozen "
+           "EfficientNet-B0 + MiniLM with 256-d projections trained on about a thousand pairs stand in for CLIP "
+           "ViT-B/32 pretrained on 400M pairs. Compare the direction of each finding, not absolute numbers."]
+    if drops and paper_attacks:
+        out.append(f"  Utility under attack: the lowest IR R@10 of a poisoned model is {'; '.join(drops)}; the paper's "
+                   f"lowest FP attack row is {f3(min(paper_attacks))} vs clean {f3(fp[0])}.")
+    return out
 
 
 def sec_differences(plan: Plan) -> list[str]:
