@@ -52,22 +52,23 @@ def sweeps(plan: Plan) -> list[str]:
         m, pj = load(r / "metrics.json"), load(r / "poison" / "poison.json")
         if m and pj:
             goal = next(iter(m.get("attacks") or {}), None)
-            series.setdefault(e.series, []).append((pj["rate"], t2i(m, goal).get("hit@10"), t2i(m, goal).get("min_rank_mean")))
+            series.setdefault(e.series, []).append((pj["rate"], t2i(m, goal).get("hit@10"), t2i(m, goal).get("min_rank_mean"),
+                                                    pj["counts"]["samples_out"]))
     lines = []
     for name, pts in series.items():
         if len(pts) < 2:
             continue
         pts.sort()
-        listed = ", ".join(f"{100 * x:.2g}%: {f3(h)} / {mr:.1f}" for x, h, mr in pts)
+        listed = ", ".join(f"{100 * x:.2g}%: {f3(h)} / {mr:.1f}" for x, h, mr, _ in pts)
         steady = all(b[2] <= a[2] for a, b in zip(pts, pts[1:]))
         s = f"- Rate sweep {name}: Hit@10 / MinRank {listed}. MinRank " + \
             ("falls at every step of the rate" if steady else "does not fall at every step") + "."
         if target is not None and paper_rate:
-            hit = [x for x, _, mr in pts if mr <= target]
+            hit = [x for x, _, mr, _ in pts if mr <= target]
             s += (f" It first reaches MinRank ≤ {target:g} at {100 * hit[0]:.2g}% ({hit[0] / paper_rate:.0f}× the paper's "
                   f"{100 * paper_rate:g}%)" if hit else
                   f" It never reaches MinRank ≤ {target:g} up to {100 * pts[-1][0]:.2g}% (the paper: at {100 * paper_rate:g}%)")
-            s += ": our attack needs percent-level rates (projections only, a few thousand pairs)."
+            s += f": our attack needs percent-level rates (projections only, {pts[0][3]:,} training pairs)."
         lines.append(s)
     return lines
 
@@ -167,12 +168,13 @@ def modality(plan: Plan) -> list[str]:
 def utility_gap(plan: Plan) -> list[str]:
     """Our clean-trained utility against the paper's clean models (Table 2)."""
     fp = paper_value(plan.cfg, "utility", "FP clean", "t2i R@10"), paper_value(plan.cfg, "utility", "FP clean", "i2t R@10")
-    L, drops = [], []
+    L, drops, refs = [], [], []
     for ds in plan.cfg.datasets:
         u = utility(load(plan.run_dir(ds, "clean") / "metrics.json"))
         if not (u and fp[0] is not None):
             continue
         L.append(f"{ds} IR/TR R@10 {f3(u['t2i_r@10'])}/{f3(u['i2t_r@10'])}")
+        refs.append(f"{sum((load(plan.data(ds, 'ref') / 'sizes.json') or {}).values()):,} ({ds})")
         poisoned = [(utility(load(plan.run_dir(ds, e.name) / "metrics.json")).get("t2i_r@10"), e.name)
                     for e in plan.cfg.experiments if e.dataset == ds and e.mode == "replace" and e.amount == 1.0]
         poisoned = [x for x in poisoned if x[0] is not None]
@@ -184,7 +186,7 @@ def utility_gap(plan: Plan) -> list[str]:
     paper_attacks = [r["t2i R@10"] for r in (plan.cfg.paper.get("utility") or {}).get("rows", [])
                      if r["model"].startswith("FP Attack")]
     out = [f"- Utility is far below the paper's (clean-trained {'; '.join(L)} vs FP {f3(fp[0])}/{f3(fp[1])}): frozen "
-           "EfficientNet-B0 + MiniLM with 256-d projections trained on about a thousand pairs stand in for CLIP "
+           f"EfficientNet-B0 + MiniLM with 256-d projections aligned on {' / '.join(refs)} pairs stand in for CLIP "
            "ViT-B/32 pretrained on 400M pairs. Compare the direction of each finding, not absolute numbers."]
     if drops and paper_attacks:
         out.append(f"  Utility under attack: the lowest IR R@10 of a poisoned model is {'; '.join(drops)}; the paper's "
