@@ -151,7 +151,7 @@ class Renderer:
                     continue
                 for goal, a in (m.get("attacks") or {}).items():
                     t = a.get("t2i") or {}
-                    rows.append({"set": e.name, "goal": goal, "rate": pj.get("rate"), "Hit@1": t.get("hit@1"),
+                    rows.append({"set": e.name, "goal": goal, "rate": f"{pj['rate']:.4f}", "Hit@1": t.get("hit@1"),
                                  "Hit@10": t.get("hit@10"), "MinRank": t.get("min_rank_mean"), "from": rel(r, self.w)})
                     if pj.get("rate"):
                         points.setdefault(f"{name} {goal}", []).append((pj["rate"], t.get("hit@10")))
