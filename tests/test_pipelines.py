@@ -224,3 +224,17 @@ def test_render_puts_the_paper_beside_ours_and_computes_the_differences(tmp_path
     _write(plan.modality_dir(plan.cfg.modality, "image") / "metrics.json", _metrics(g, 0.1, 0.6, 12.0, 0.25))
     render(plan.cfg, plan, out, out.parent / "img", str(cfg_path))
     assert "MinRank 12.0 (M_p^i) vs 9.5 (M_p^t) — does not agree" in out.read_text()
+
+
+def test_steps_pattern_selects_steps_and_leaves_out_those_whose_needs_are_not_met(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from pipelines.paper.run import select_steps
+
+    _, plan = _small(tmp_path)
+    assert [s.id for s in select_steps(plan)] == list(plan.steps)  # nothing done yet: everything
+    assert select_steps(plan, ["fm/II_sneaker2bag/modality/*"]) == []  # needs poison and align, not selected
+    for id in ("fm/build", "fm/align", "fm/II_sneaker2bag/poison"):
+        m = plan.steps[id].marker
+        m.mkdir(parents=True) if m.suffix == "" else (m.parent.mkdir(parents=True, exist_ok=True), m.write_text("{}"))
+    got = [s.id for s in select_steps(plan, ["fm/II_sneaker2bag/modality/text/*"])]
+    assert got == ["fm/II_sneaker2bag/modality/text/train", "fm/II_sneaker2bag/modality/text/eval"]
