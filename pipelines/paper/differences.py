@@ -9,6 +9,7 @@ from .plan import Plan
 
 
 def f3(x) -> str:
+    """A figure with 3 decimals, '–' when missing."""
     return "–" if x is None else f"{x:.3f}"
 
 

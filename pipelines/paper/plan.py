@@ -126,6 +126,7 @@ class Plan:
                   [ev, f"{ds}/{e.name}/eval", f"{ds}/{e.name}/clean_eval"], "report")
 
     def defense_dir(self, d: Defense) -> Path:
+        """The output folder of a sterilising fine-tune."""
         return self.run_dir(d.dataset, d.experiment) / f"defend_{d.clean_name}"
 
     def _clean_set(self, d: Defense) -> tuple[Path, list[str]]:
@@ -152,6 +153,7 @@ class Plan:
                   done_epoch(out, d.epochs), [f"{d.dataset}/{d.experiment}/train", *deps], "defend")
 
     def modality_dir(self, m: Modality, name: str) -> Path:
+        """The folder of one modality run (model/ and metrics.json)."""
         return self.run_dir(m.dataset, m.experiment) / "modality" / name
 
     def _modality(self, m: Modality) -> None:
