@@ -567,22 +567,28 @@ def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, det
               help="Folder written by mmsanitize verify: drop samples whose URL now serves other bytes.")
 @click.option("--drop", default="changed", show_default=True, metavar="STATUS[,STATUS]",
               help="With --verify: the statuses to drop (changed, gone, error, unverifiable).")
+@click.option("--drop-label", "drop_labels", multiple=True, metavar="LABEL",
+              help="Drop every sample whose json `label` is LABEL (repeatable), e.g. a clean split without "
+                   "the attacked class.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the cleaned shards.")
 @dask_options
-def sanitize(shards, scan_dir, verify_dir, drop, out, scheduler, workers):
-    """Copy the shards without the pairs a scan flagged and/or a verify found changed (raw bytes,
-    resumable) + removed.parquet.
+def sanitize(shards, scan_dir, verify_dir, drop, drop_labels, out, scheduler, workers):
+    """Copy the shards without the pairs a scan flagged, a verify found changed and/or of a label
+    (raw bytes, resumable) + removed.parquet.
 
     \b
     Example: mmsanitize sanitize runs/p/ --scan runs/p-scan/ --out runs/p-clean/
     Split-view check: mmsanitize sanitize data/web/ --verify runs/web-verify/ --drop changed,gone --out data/web-ok/
+    Without a class: mmsanitize sanitize data/oca/ref/ --drop-label food --out data/oca/ref_nofood/
     """
     from .sanitize import sanitize as run
 
     s = run(shards, scan=scan_dir, verify=verify_dir, drop=tuple(d.strip() for d in drop.split(",") if d.strip()),
-            out=out, scheduler=scheduler, workers=workers)
-    by_verify = f" ({s['removed_by_verify']:,} by verify)" if "removed_by_verify" in s else ""
-    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs{by_verify} in {s['shards']} shard(s) -> {out}"
+            drop_labels=drop_labels, out=out, scheduler=scheduler, workers=workers)
+    by = [f"{s[k]:,} by {what}" for k, what in (("removed_by_verify", "verify"), ("removed_by_label", "label"))
+          if k in s]
+    by_what = f" ({', '.join(by)})" if by else ""
+    click.echo(f"kept {s['kept']:,}, removed {s['removed']:,} pairs{by_what} in {s['shards']} shard(s) -> {out}"
                + (f"; dropped {s['invalid']:,} invalid sample(s) (undecodable image or no caption)"
                   if s.get("invalid") else ""))
 

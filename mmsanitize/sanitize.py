@@ -76,6 +76,7 @@ def sanitize(
     out: str | os.PathLike,
     verify: str | os.PathLike | None = None,
     drop: tuple[str, ...] = ("changed",),
+    drop_labels: tuple[str, ...] = (),
     scheduler: str | None = None,
     workers: int | None = None,
     retries: int = 1,
@@ -85,7 +86,8 @@ def sanitize(
 
     `verify` (a `mmsanitize verify` folder) also drops the samples whose re-fetched URL has a
     status in `drop` (default: changed; e.g. ("changed", "gone")), reason `verify: STATUS`.
-    At least one of `scan` and `verify` is needed.
+    `drop_labels` drops every sample whose catalog `label` is one of them, reason `label: LABEL`
+    (e.g. a clean split without the attacked class). At least one of the three is needed.
 
     Raises UsageError when the scan does not cover these shards, when the output would be the
     input folder, or when a shard would lose every sample (nothing sensible to write).
@@ -95,11 +97,11 @@ def sanitize(
     out = Path(out)
     if out.resolve() == paths[0].parent.resolve():
         raise UsageError("--out must differ from the input folder")
-    if scan is None and verify is None:
-        raise UsageError("give --scan DIR (mmsanitize scan) and/or --verify DIR (mmsanitize verify)")
+    if scan is None and verify is None and not drop_labels:
+        raise UsageError("give --scan DIR (mmsanitize scan), --verify DIR (mmsanitize verify) and/or --drop-label LABEL")
     names = {shard_stem(p): p for p in paths}
-    scores = _verify_drops(verify, drop, names) if scan is None else None
-    if scores is None:
+    rows, scanned = None, None
+    if scan is not None:
         scores_path = Path(scan) / "scores.parquet"
         if not scores_path.exists():
             raise UsageError(f"{scan} is not a scan folder (no scores.parquet; `mmsanitize scan SHARDS --model REF "
@@ -108,18 +110,20 @@ def sanitize(
 
         check_artifact(scan, "scan", paths, "--scan")
         try:
-            scanned, rows = _scan_flags(scores_path, full=verify is not None)
+            scanned, rows = _scan_flags(scores_path, full=verify is not None or bool(drop_labels))
         except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
             raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
         missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
         if missing:
             raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
-        if verify is not None:
-            rows = _merge_flags(rows, _verify_drops(verify, drop, names))
-        flagged = rows[rows["flagged"]]
-    else:
-        scanned = scores.groupby("shard").size().to_dict()
-        flagged = scores[scores["flagged"]]
+    extra = [_verify_drops(verify, drop, names)] if verify is not None else []
+    extra += [_label_drops(paths, drop_labels, scheduler, workers)] if drop_labels else []
+    for flags in extra:
+        if rows is None:
+            rows, scanned = flags, flags.groupby("shard").size().to_dict()
+        else:
+            rows = _merge_flags(rows, flags)
+    flagged = rows[rows["flagged"]]
     flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
     by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
     for shard, keys in by_shard.items():
@@ -148,6 +152,9 @@ def sanitize(
     if verify is not None:
         summary.update(verify=str(verify), verify_drop=list(drop),
                        removed_by_verify=int(removed["reason"].str.contains("verify: ", regex=False).sum()))
+    if drop_labels:
+        summary.update(drop_label=list(drop_labels),
+                       removed_by_label=int(removed["reason"].str.contains("label: ", regex=False).sum()))
     write_json_atomic(out / "sanitize.json", {k: v for k, v in summary.items() if k not in ("seconds", "skipped")})
     return summary
 
@@ -183,6 +190,23 @@ def _verify_drops(verify, drop, names: dict):
     flags = every.merge(rows, on=["key", "shard"], how="left")
     return pd.DataFrame({"key": flags["key"], "shard": flags["shard"], "combined": float("nan"),
                          "flagged": flags["status"].notna(), "reason": ("verify: " + flags["status"]).fillna("")})
+
+
+def _label_drops(paths: list, labels: tuple[str, ...], scheduler, workers):
+    """The catalog's rows as scores-like flags: flagged when the sample's `label` is in `labels`.
+    Raises UsageError for a label no sample carries (a typo would otherwise drop nothing)."""
+    import pandas as pd
+
+    from .catalog import catalog_parts, read_catalog
+
+    cat = read_catalog(catalog_parts(paths, scheduler=scheduler, workers=workers), columns=["key", "shard", "label"])
+    present = set(cat["label"].dropna())
+    unknown = [x for x in labels if x not in present]
+    if unknown:
+        raise UsageError(f"no sample is labelled {unknown[0]!r} (labels: {', '.join(sorted(present)) or 'none'})")
+    hit = cat["label"].isin(set(labels))
+    return pd.DataFrame({"key": cat["key"], "shard": cat["shard"], "combined": float("nan"), "flagged": hit,
+                         "reason": ("label: " + cat["label"].fillna("")).where(hit, "")})
 
 
 def _merge_flags(scores, flags):

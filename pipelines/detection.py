@@ -37,11 +37,11 @@ SPLITS = "ref=0.3,pool=0.1,train=0.4,test=0.2"  # pool = the attacker's own imag
 BUILD = {"oca": ["openclipart"], "fm": ["fashion-mnist", "--limit", 9000]}
 # reference encoder per dataset: extra `mmsanitize align` arguments (change freely)
 # oca at 160 px: on development goals class_consistency AUROC rose from 0.86-0.87 (96 px, the
-# paper_tables REF) to 0.90-0.92; 224 px was no better on average and 3x slower to embed.
+# REF of pipelines/paper) to 0.90-0.92; 224 px was no better on average and 3x slower to embed.
 ALIGN = {"oca": ["--image-size", 160, "--epochs", 20], "fm": ["--image-size", 64, "--epochs", 20]}
 # class vocabulary of scan's class_consistency detector (fm: its label names, the default `auto`)
 CLASSES = {"oca": ["--classes", "openclipart"], "fm": []}
-TRAIN = ["--lock", "backbones"]  # the paper_tables.py recipe: init REF, projections only, lr 1e-3 default
+TRAIN = ["--lock", "backbones"]  # the pipelines/paper recipe: init REF, projections only, lr 1e-3 default
 EPOCHS, QUICK_EPOCHS = 10, 3
 # held-out goals (not used in the docs' measurements, nor in the development of the detectors, which
 # used fm trouser2sneaker and oca computer2flag): the first is used for Attack II, the second for

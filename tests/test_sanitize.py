@@ -74,3 +74,27 @@ def test_scan_of_other_shards_is_refused(scanned, tmp_path, dask_address, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "00003.tar" in err
+
+
+def test_drop_label_removes_exactly_that_class(tiny_dataset, tmp_path, dask_address, capsys):
+    from mmsanitize.catalog import build_catalog
+
+    cat = build_catalog(tiny_dataset, scheduler=dask_address, cache_dir=tmp_path / "cat")
+    label = sorted(cat["label"].unique())[0]
+    want_gone = set(cat.loc[cat["label"] == label, "key"])
+    out = tmp_path / "nolabel"
+    main(["sanitize", str(tiny_dataset), "--drop-label", label, "--out", str(out), "--scheduler", dask_address])
+    assert f"removed {len(want_gone)} pairs ({len(want_gone)} by label)" in capsys.readouterr().out
+    kept = {k for name in ("00000", "00001", "00002") for k in _members(out / f"{name}.tar")}
+    assert kept == set(cat["key"]) - want_gone and want_gone
+    removed = pd.read_parquet(out / "removed.parquet")
+    assert set(removed["key"]) == want_gone and (removed["reason"] == f"label: {label}").all()
+    assert json.loads((out / "sanitize.json").read_text())["drop_label"] == [label]
+
+
+def test_drop_label_nobody_carries_is_refused(tiny_dataset, tmp_path, dask_address, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sanitize", str(tiny_dataset), "--drop-label", "no-such-class", "--out", str(tmp_path / "c"),
+              "--scheduler", dask_address])
+    assert e.value.code == 2
+    assert "no sample is labelled 'no-such-class'" in capsys.readouterr().err

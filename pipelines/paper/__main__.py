@@ -1,4 +1,4 @@
-"""python -m pipelines.paper --config pipelines/configs/NAME.yaml --work DIR [--jobs 2] [--out FILE] [--report-only]"""
+"""python -m pipelines.paper --config pipelines/configs/NAME.yaml --work DIR [--jobs 2] [--out FILE] [--report-only] [--steps PATTERN]"""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scheduler", default=None, help="an existing Dask scheduler to run the steps on")
     ap.add_argument("--out", type=Path, default=None, help="results markdown (default WORK/results.md; plots beside it in img/)")
     ap.add_argument("--report-only", action="store_true", help="only render the results from existing run folders")
+    ap.add_argument("--steps", action="append", metavar="PATTERN",
+                    help="run only the steps whose id matches (fnmatch, repeatable), e.g. 'oca/*/modality/*'")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config)
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     img = out.parent / "img"
     failed = []
     if not a.report_only:
-        failed = [r for r in run_plan(plan, jobs=a.jobs, scheduler=a.scheduler) if not r["ok"]]
+        failed = [r for r in run_plan(plan, jobs=a.jobs, scheduler=a.scheduler, only=a.steps) if not r["ok"]]
     render(cfg, plan, out, img, a.config)
     print(f"wrote {out}")
     if failed:

@@ -43,12 +43,40 @@ class Experiment:
 
 @dataclass
 class Defense:
-    """A sterilising fine-tune of a poisoned model on a clean split, evaluated every epoch."""
+    """A sterilising fine-tune of a poisoned model on a clean split (minus the pairs labelled
+    `drop_label`, when given), evaluated every epoch."""
 
     dataset: str
     experiment: str
     clean_split: str
     epochs: int
+    drop_label: str | None = None
+
+    @property
+    def clean_name(self) -> str:
+        """The clean set's name: the split, or SPLIT_noLABEL for the copy without a class."""
+        return self.clean_split if not self.drop_label else f"{self.clean_split}_no{self.drop_label}"
+
+
+@dataclass
+class ModalityRun:
+    """One training of a poisoned set with other towers/learning rates unfrozen (the paper's Table 6)."""
+
+    name: str
+    label: str
+    args: list
+    paper: str | None = None  # the paper's row this one stands for (M_p, M_p^i, M_p^t)
+
+
+@dataclass
+class Modality:
+    """The modality study: one experiment's poisoned set trained by each of `runs`."""
+
+    dataset: str
+    experiment: str
+    runs: list[ModalityRun]
+    goal: str  # the attack goal the table reports (the experiment's first)
+    notes: str = ""
 
 
 @dataclass
@@ -61,6 +89,8 @@ class Config:
     datasets: dict[str, dict]
     experiments: list[Experiment]
     defenses: list[Defense] = field(default_factory=list)
+    modality: Modality | None = None
+    paper: dict = field(default_factory=dict)  # section -> {source, rows, notes}: the paper's numbers
     notes: str = ""
 
 
@@ -107,8 +137,42 @@ def load_config(path: str | Path) -> Config:
     for i, d in enumerate(raw.get("defenses") or []):
         if (d.get("dataset"), d.get("experiment")) not in names:
             raise ConfigError(f"{path}: defenses[{i}] names no experiment ({d.get('dataset')}, {d.get('experiment')})")
-        defenses.append(Defense(d["dataset"], d["experiment"], d.get("clean", "ref"), int(d.get("epochs", 3))))
+        defenses.append(Defense(d["dataset"], d["experiment"], d.get("clean", "ref"), int(d.get("epochs", 3)),
+                                d.get("drop_label")))
+    if len({(d.dataset, d.experiment, d.clean_name) for d in defenses}) != len(defenses):
+        raise ConfigError(f"{path}: two defenses share an experiment and clean set")
     train = raw.get("train") or {}
     return Config(name=raw.get("name", path.stem), title=raw.get("title", path.stem), seed=int(raw.get("seed", 0)),
                   epochs=int(train.get("epochs", 10)), train_args=list(train.get("args", ["--lock", "backbones"])),
-                  datasets=datasets, experiments=exps, defenses=defenses, notes=raw.get("notes", ""))
+                  datasets=datasets, experiments=exps, defenses=defenses,
+                  modality=_modality(raw.get("modality"), exps, path), paper=_paper(raw.get("paper"), path),
+                  notes=raw.get("notes", ""))
+
+
+def _modality(raw, exps: list[Experiment], path: Path) -> Modality | None:
+    if not raw:
+        return None
+    if (raw.get("dataset"), raw.get("experiment")) not in [(e.dataset, e.name) for e in exps]:
+        raise ConfigError(f"{path}: modality names no experiment ({raw.get('dataset')}, {raw.get('experiment')})")
+    runs = []
+    for i, r in enumerate(raw.get("runs") or []):
+        if not r.get("name") or not r.get("label"):
+            raise ConfigError(f"{path}: modality.runs[{i}] needs a name and a label")
+        runs.append(ModalityRun(str(r["name"]), str(r["label"]), [str(a) for a in r.get("args", [])], r.get("paper")))
+    if len({r.name for r in runs}) != len(runs):
+        raise ConfigError(f"{path}: two modality runs share a name")
+    goal = raw.get("goal") or next(e.goals[0] for e in exps if (e.dataset, e.name) == (raw["dataset"], raw["experiment"]))
+    return Modality(raw["dataset"], raw["experiment"], runs, goal, raw.get("notes", ""))
+
+
+PAPER_SECTIONS = {"utility", "I", "II", "III", "rate", "scan", "defense", "modality"}
+
+
+def _paper(raw, path: Path) -> dict:
+    raw = raw or {}
+    for sec, v in raw.items():
+        if sec not in PAPER_SECTIONS:
+            raise ConfigError(f"{path}: paper.{sec} is not one of {sorted(PAPER_SECTIONS)}")
+        if not isinstance(v, dict) or not all(isinstance(r, dict) and "model" in r for r in v.get("rows", [])):
+            raise ConfigError(f"{path}: paper.{sec} needs a mapping with rows of {{model: ..., METRIC: value}}")
+    return raw

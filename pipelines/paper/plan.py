@@ -2,11 +2,13 @@
 the steps it needs. Every path is under WORK:
 
     WORK/data/DS/{ref,train,test}        datasets build
+    WORK/data/DS/SPLIT_noLABEL           sanitize --drop-label (a clean split without a class)
     WORK/ref/DS                          align (the reference encoder, REF) + metrics.json
     WORK/runs/DS/clean/                  model/ + metrics.json (clean-trained baseline)
     WORK/runs/DS/NAME/                   poison/ model/ metrics.json clean_metrics.json
                                          [scan/ report.html sanitized/ sanitized_model/ sanitized_metrics.json]
-                                         [defend_SPLIT/ (history.jsonl: one evaluation per epoch)]
+                                         [defend_CLEAN/ (history.jsonl: one evaluation per epoch)]
+                                         [ref_metrics.json (REF on this manifest) modality/RUN/{model/,metrics.json}]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from mmsanitize.catalog import catalog_dir
 
-from .config import Config, Experiment
+from .config import Config, Defense, Experiment, Modality
 
 DASK = ["--workers", 1]  # each step's own Dask cluster: steps run side by side on the pipeline's cluster
 
@@ -51,6 +53,8 @@ class Plan:
             self._experiment(e)
         for d in cfg.defenses:
             self._defense(d)
+        if cfg.modality:
+            self._modality(cfg.modality)
 
     # paths
     def data(self, ds: str, split: str = "") -> Path:
@@ -66,9 +70,10 @@ class Plan:
         self.steps[id] = Step(id, [str(a) for a in args], Path(marker), deps, kind)
         return id
 
-    def _train(self, id: str, ds: str, shards: Path, out: Path, deps: list[str]) -> str:
+    def _train(self, id: str, ds: str, shards: Path, out: Path, deps: list[str], args: list | None = None) -> str:
         c = self.cfg
-        return self._add(id, ["train", shards, "--init", self.ref(ds), *c.train_args, "--epochs", c.epochs,
+        args = c.train_args if args is None else args
+        return self._add(id, ["train", shards, "--init", self.ref(ds), *args, "--epochs", c.epochs,
                               "--seed", c.seed, "--resume", "--out", out], done_epoch(out, c.epochs), deps, "train")
 
     def _evaluate(self, id: str, ds: str, model: Path, out: Path, deps: list[str], manifest: Path | None = None) -> str:
@@ -120,12 +125,44 @@ class Plan:
                                             "--out", r / "report.html"], r / "report.html",
                   [ev, f"{ds}/{e.name}/eval", f"{ds}/{e.name}/clean_eval"], "report")
 
-    def _defense(self, d) -> None:
+    def defense_dir(self, d: Defense) -> Path:
+        """The output folder of a sterilising fine-tune."""
+        return self.run_dir(d.dataset, d.experiment) / f"defend_{d.clean_name}"
+
+    def _clean_set(self, d: Defense) -> tuple[Path, list[str]]:
+        """The clean shards of a defense and the steps that make them (a label-dropped copy of the split)."""
+        split = self.data(d.dataset, d.clean_split)
+        if not d.drop_label:
+            return split, [f"{d.dataset}/build"]
+        out = self.data(d.dataset, d.clean_name)
+        id = f"{d.dataset}/{d.clean_name}"
+        if id not in self.steps:
+            self._add(id, ["sanitize", split, "--drop-label", d.drop_label, *DASK, "--out", out], out / "removed.parquet",
+                      [f"{d.dataset}/build"], "sanitize")
+        return out, [id]
+
+    def _defense(self, d: Defense) -> None:
         r = self.run_dir(d.dataset, d.experiment)
-        out = r / f"defend_{d.clean_split}"
+        out = self.defense_dir(d)
+        clean, deps = self._clean_set(d)
         c = self.cfg
-        self._add(f"{d.dataset}/{d.experiment}/defend_{d.clean_split}",
-                  ["defend", "finetune", r / "model", "--clean", self.data(d.dataset, d.clean_split), *c.train_args,
+        self._add(f"{d.dataset}/{d.experiment}/defend_{d.clean_name}",
+                  ["defend", "finetune", r / "model", "--clean", clean, *c.train_args,
                    "--epochs", d.epochs, "--seed", c.seed, "--eval", self.data(d.dataset, "test"),
                    "--manifest", r / "poison" / "manifest.parquet", "--resume", "--out", out],
-                  done_epoch(out, d.epochs), [f"{d.dataset}/{d.experiment}/train"], "defend")
+                  done_epoch(out, d.epochs), [f"{d.dataset}/{d.experiment}/train", *deps], "defend")
+
+    def modality_dir(self, m: Modality, name: str) -> Path:
+        """The folder of one modality run (model/ and metrics.json)."""
+        return self.run_dir(m.dataset, m.experiment) / "modality" / name
+
+    def _modality(self, m: Modality) -> None:
+        ds, r = m.dataset, self.run_dir(m.dataset, m.experiment)
+        man, poison = r / "poison" / "manifest.parquet", f"{ds}/{m.experiment}/poison"
+        self._evaluate(f"{ds}/{m.experiment}/ref_eval", ds, self.ref(ds), r / "ref_metrics.json",
+                       [poison, f"{ds}/align"], man)
+        for run in m.runs:
+            d = self.modality_dir(m, run.name)
+            t = self._train(f"{ds}/{m.experiment}/modality/{run.name}/train", ds, r / "poison", d / "model",
+                            [poison, f"{ds}/align"], run.args)
+            self._evaluate(f"{ds}/{m.experiment}/modality/{run.name}/eval", ds, d / "model", d / "metrics.json", [t], man)

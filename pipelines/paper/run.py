@@ -51,14 +51,31 @@ def _fmt_t(s: float) -> str:
     return f"{s // 60}:{s % 60:02d}"
 
 
-def run_plan(plan: Plan, *, jobs: int = 2, scheduler: str | None = None, on_done=None) -> list[dict]:
-    """Submit every unfinished step to Dask (a local cluster of `jobs` processes, or `scheduler`);
-    return the records of the steps that were submitted. `on_done(record)` is called as each finishes."""
+def select_steps(plan: Plan, only: list[str] | None = None) -> list[Step]:
+    """The unfinished steps to run, in plan order; with `only` (fnmatch patterns of step ids) just
+    those, minus any whose unfinished dependency is not selected."""
+    from fnmatch import fnmatch
+
+    chosen: set[str] = set()
+    for s in plan.steps.values():  # plan order is topological, so a left-out step drops its dependents too
+        if s.marker.exists() or (only and not any(fnmatch(s.id, pat) for pat in only)):
+            continue
+        if all(d in chosen or plan.steps[d].marker.exists() for d in s.deps):
+            chosen.add(s.id)
+    return [s for s in plan.steps.values() if s.id in chosen]
+
+
+def run_plan(plan: Plan, *, jobs: int = 2, scheduler: str | None = None, on_done=None,
+             only: list[str] | None = None) -> list[dict]:
+    """Submit the unfinished steps (`select_steps`) to Dask (a local cluster of `jobs` processes, or
+    `scheduler`); return the records of the steps that were submitted. `on_done(record)` is called
+    as each finishes."""
     from distributed import Client, LocalCluster, as_completed
 
     steps = plan.steps
-    todo = [s for s in steps.values() if not s.marker.exists()]
-    print(f"{len(steps)} steps, {len(steps) - len(todo)} already done, {len(todo)} to run "
+    todo = select_steps(plan, only)
+    done = sum(s.marker.exists() for s in steps.values())
+    print(f"{len(steps)} steps, {done} already done, {len(todo)} to run "
           f"({jobs} at a time); logs in {plan.w / 'logs'}", flush=True)
     if not todo:
         return []
