@@ -46,6 +46,21 @@ def test_a_bad_config_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "experiments[0].attack" in r.stderr
 
 
+def test_a_second_run_on_the_same_work_is_refused(tmp_path):
+    """Two runs on one WORK would train the same step into the same folder at once."""
+    import fcntl
+
+    work = tmp_path / "w"
+    work.mkdir()
+    with open(work / ".pipeline.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run([sys.executable, "-m", "pipelines.paper", "--config", str(QUICK), "--work", str(work)],
+                           cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                           timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "in use by another" in r.stderr
+    assert not (work / "steps.jsonl").exists() and not (work / "data").exists()
+
+
 def _start(work: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipelines.paper", "--config", str(QUICK), "--work", str(work)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -12,6 +12,23 @@ from .render import render
 from .run import run_plan
 
 
+LOCK_NAME = ".pipeline.lock"
+
+
+def _lock_work(work: Path):
+    """An exclusive lock on WORK held for the life of this process (None when another run holds it):
+    two runs on one WORK would train the same step into the same folder at once."""
+    import fcntl
+
+    f = open(work / LOCK_NAME, "a")  # noqa: SIM115 - kept open: closing it releases the lock
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipelines.paper", description=__doc__)
     ap.add_argument("--config", required=True, help="YAML: datasets, goals, rates, models, epochs, defenses")
@@ -35,6 +52,11 @@ def main(argv=None) -> int:
     img = out.parent / "img"
     failed = []
     if not a.report_only:
+        lock = _lock_work(work)
+        if lock is None:
+            print(f"error: {work} is in use by another `python -m pipelines.paper` run (lock {work / LOCK_NAME}); "
+                  "wait for it or stop it", file=sys.stderr)
+            return 2
         failed = [r for r in run_plan(plan, jobs=a.jobs, scheduler=a.scheduler, only=a.steps) if not r["ok"]]
     render(cfg, plan, out, img, a.config)
     print(f"wrote {out}")
