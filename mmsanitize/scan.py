@@ -21,6 +21,7 @@ What is flagged:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -468,7 +469,8 @@ def scan(
         done = None if overwrite else (lambda t: T.done_marker(work, marker, t.name, phash))
         return map_shards(fn, tasks, is_done=done, client=client, desc=f"scan: {desc}")
 
-    with dask_client(scheduler, workers) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(dask_client(scheduler, workers))
         cdir = catalog_dir(paths)
         ctasks = [CatalogTask(n, str(p), str(cdir)) for n, p in zip(names, paths)]
         cres = map_shards(catalog_shard, ctasks, is_done=_part_done, client=client, desc="catalog")
@@ -521,6 +523,16 @@ def scan(
         # ---- small global state, fitted on the client from the shards' samples
         det_state: dict = {}
         preps = [np.load(work / f"prep_{n}.npz") for n in names]
+        auto_fit = None
+        if threshold == "auto" and "similarity" in detectors:  # fitted in a client thread while the workers go on
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .detectors.similarity import auto_threshold
+
+            # the same float32 values as 1 - similarity's sampled scores (prepare samples the same rows)
+            cos_sample = 1.0 - (1.0 - np.concatenate([p["cos"] for p in preps]))
+            pool = stack.enter_context(ThreadPoolExecutor(1))
+            auto_fit = pool.submit(auto_threshold, cos_sample, seed=seed)
         if need_cc:
             if not vocab or sum(int(p["class_count"].sum()) for p in preps) == 0:
                 det_state.setdefault("skipped", {})["class_consistency"] = (
@@ -595,9 +607,7 @@ def scan(
         cos = 1.0 - samples["similarity"] if "similarity" in samples else None
         if threshold is not None:
             if threshold == "auto":
-                from .detectors.similarity import auto_threshold
-
-                fit = auto_threshold(cos, seed=seed)
+                fit = auto_fit.result()
                 thresholds["similarity_auto"] = fit
                 t = fit["threshold"]
             else:
