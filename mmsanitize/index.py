@@ -310,6 +310,22 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> Index:
     return Index("hnsw", _as_f32(vectors), idx)
 
 
+def train_ivf(sample: np.ndarray, *, nlist: int, codec: str = "SQ8", seed: int = 0):
+    """A faiss `IVF{nlist},{codec}` inner-product index trained on `sample`: seeded k-means (10
+    iterations) on one thread. Its centroids depend on the thread count (BLAS partitions the
+    products differently; tested), so scan trains single-threaded and beside other work rather
+    than with more threads: 1- and 2-worker scans then write the same outputs."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    idx = faiss.index_factory(sample.shape[1], f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(idx)
+    ivf.cp.seed = seed
+    ivf.cp.niter = 10
+    idx.train(_as_f32(sample))
+    return idx
+
+
 def load_ondisk(path: str | os.PathLike, *, nprobe: int, refine=None, refine_factor: int = 1) -> Index:
     """An IVF index written by scan's merge (`KIND.index` + its on-disk `KIND.ivfdata`, memory-mapped),
     searched single-threaded with `nprobe` lists; `refine`/`refine_factor` as in `Index`."""

@@ -21,6 +21,7 @@ What is flagged:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -468,7 +469,8 @@ def scan(
         done = None if overwrite else (lambda t: T.done_marker(work, marker, t.name, phash))
         return map_shards(fn, tasks, is_done=done, client=client, desc=f"scan: {desc}")
 
-    with dask_client(scheduler, workers) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(dask_client(scheduler, workers))
         cdir = catalog_dir(paths)
         ctasks = [CatalogTask(n, str(p), str(cdir)) for n, p in zip(names, paths)]
         cres = map_shards(catalog_shard, ctasks, is_done=_part_done, client=client, desc="catalog")
@@ -512,11 +514,25 @@ def scan(
               "shards": [{"name": n, "catalog": c, "img": str(f[0]), "txt": str(f[1]), "meta": str(f[2])}
                          for n, c, f in zip(names, catalog_parts, files)]}
         state = T.write_state(work / "state_prep.pkl", st)
+        training = []
+        if kind == "ivf":  # on seeded samples read from the embeddings: beside prepare, which does not need them
+            training = [client.submit(T.train_index, state, kd, pure=False) for kd in kinds
+                        if overwrite or not (work / f"{kd}.trained.json").exists()]
         phase(T.prepare_shard, "prepare", "prep")
 
         # ---- small global state, fitted on the client from the shards' samples
         det_state: dict = {}
         preps = [np.load(work / f"prep_{n}.npz") for n in names]
+        auto_fit = None
+        if threshold == "auto" and "similarity" in detectors:  # fitted in a client thread while the workers go on
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .detectors.similarity import auto_threshold
+
+            # the same float32 values as 1 - similarity's sampled scores (prepare samples the same rows)
+            cos_sample = 1.0 - (1.0 - np.concatenate([p["cos"] for p in preps]))
+            pool = stack.enter_context(ThreadPoolExecutor(1))
+            auto_fit = pool.submit(auto_threshold, cos_sample, seed=seed)
         if need_cc:
             if not vocab or sum(int(p["class_count"].sum()) for p in preps) == 0:
                 det_state.setdefault("skipped", {})["class_consistency"] = (
@@ -547,24 +563,21 @@ def scan(
         # ---- indexes: trained once on a sample, filled per shard, merged on disk (IVF)
         state = T.write_state(work / "state_index.pkl", st)
         if kind == "ivf":
-            for kd in kinds:
-                if overwrite or not (work / f"{kd}.trained.json").exists():
-                    client.submit(T.train_index, state, kd, names, pure=False).result()
-                index["trained_on"] = json.loads((work / f"{kd}.trained.json").read_text())["trained_on"]
+            client.gather(training)
+            index["trained_on"] = json.loads((work / f"{kinds[0]}.trained.json").read_text())["trained_on"]
             phase(T.fill_shard, "index", "fill")
-            for kd in kinds:
-                client.submit(T.merge_index, state, kd, names, pure=False).result()
+            client.gather([client.submit(T.merge_index, state, kd, names, pure=False) for kd in kinds])
         else:
-            for kd in kinds[:2]:
-                client.submit(T.save_exact_index, state, kd, pure=False).result()
+            client.gather([client.submit(T.save_exact_index, state, kd, pure=False) for kd in kinds[:2]])
         if "image_reuse" in detectors:
             if n_total < 3:
                 det_state["image_reuse"] = {"radius": 0.94, "median_nn_cosine": None, "sampled": 0}
             else:
-                c = client.submit(T.calibrate, state, names, pure=False).result()
-                med = c["median"]
+                phase(T.calibrate_shard, "calibrate", "calib")
+                nn = np.concatenate([np.load(work / f"calib_{n}.npy") for n in names])
+                med = float(np.median(nn))
                 r = None if med >= 0.98 else float(max(0.94, 1.0 - (1.0 - med) / 4.0))
-                det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": c["sampled"]}
+                det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": int(len(nn))}
             st["image_reuse"] = det_state["image_reuse"]
         if "kdistance" in detectors:
             det_state["kdistance"] = {"method": "1 - cos of the image's k-th neighbour among all images and captions "
@@ -594,9 +607,7 @@ def scan(
         cos = 1.0 - samples["similarity"] if "similarity" in samples else None
         if threshold is not None:
             if threshold == "auto":
-                from .detectors.similarity import auto_threshold
-
-                fit = auto_threshold(cos, seed=seed)
+                fit = auto_fit.result()
                 thresholds["similarity_auto"] = fit
                 t = fit["threshold"]
             else:

@@ -6,8 +6,8 @@ one shard and writes its outputs under temp names, then its marker (`*_done.json
 killed run redoes only the shards without a marker. Global ids are positions in the dataset
 (shards in order, rows in shard order), as in a whole-dataset scan.
 
-Phases (driven by `scan.scan`): prepare (cosines, class sums, seeded samples) -> [index fill]
--> raw detector scores -> [density's second pass] -> final (combined score, flags, reasons,
+Phases (driven by `scan.scan`): prepare (cosines, class sums, seeded samples), with the IVF
+training tasks running beside it -> [index fill] -> [image_reuse's radius calibration] -> raw detector scores -> [density's second pass] -> final (combined score, flags, reasons,
 `scores_NAME.parquet`) -> [manifest metrics].
 """
 
@@ -297,30 +297,25 @@ def prepare_shard(task: ShardTask) -> dict:
         save_npy(Path(st["work"]) / f"cls_{task.name}.npy", cls)
     q = _sample_rows(n, total, st["calib_sample"], seed + 2, task.index)
     out["calib_img"], out["calib_gid"] = img[q], q + rows.offsets[task.index]
-    if st["index"]["kind"] == "ivf":
-        t = _sample_rows(n, total, st["index"]["train"], seed + 3, task.index)
-        for kind in st["index"]["kinds"]:
-            v, _ = rows.vectors(kind, task.index)
-            out[f"train_{kind}"] = v[t].astype(np.float16)
     save_npz(Path(st["work"]) / f"prep_{task.name}.npz", **out)
     return _mark(st["work"], "prep", task.name, st["params_hash"], count=n)
 
 
-def train_index(state: str, kind: str, names: list[str]) -> dict:
-    """Train the IVF index of `kind` on the prepare samples; writes `WORK/KIND.trained`. One
-    thread: 2 threads measured slower on the shared 2-core machine (docs/scale.md)."""
+def train_index(state: str, kind: str) -> dict:
+    """Train the IVF index of `kind` on a seeded sample of every shard's rows (read memory-mapped,
+    so it runs beside the prepare phase); writes `WORK/KIND.trained`."""
     import faiss
 
+    from .index import train_ivf
+
     st = load_state(state)
-    faiss.omp_set_num_threads(1)
-    sample = np.concatenate([np.load(Path(st["work"]) / f"prep_{n}.npz")[f"train_{kind}"] for n in names])
-    sample = np.ascontiguousarray(sample, np.float32)
+    rows = rows_for(state)
+    which = {"image": "img", "text": "txt", "joint": "joint", "union": "img"}[kind]  # union: its image rows
+    gids = np.concatenate([_sample_rows(int(rows.offsets[s + 1] - rows.offsets[s]), rows.n, st["index"]["train"],
+                                        st["seed"] + 3, s) + rows.offsets[s] for s in range(len(rows.shards))])
+    sample = rows.take(which, gids).astype(np.float16)
     p = st["index"]
-    idx = faiss.index_factory(sample.shape[1], f"IVF{p['nlist']},{p['codec']}", faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(idx)
-    ivf.cp.seed = st["seed"]
-    ivf.cp.niter = 10
-    idx.train(sample)
+    idx = train_ivf(sample, nlist=p["nlist"], codec=p["codec"], seed=st["seed"])
     tmp = Path(st["work"]) / f"{kind}.trained.tmp"
     faiss.write_index(idx, str(tmp))
     os.replace(tmp, Path(st["work"]) / f"{kind}.trained")
@@ -375,16 +370,19 @@ def save_exact_index(state: str, kind: str) -> dict:
     return {}
 
 
-def calibrate(state: str, names: list[str]) -> dict:
-    """image_reuse's radius from the nearest other image of the sampled queries (`calibrated_radius`)."""
-    st = load_state(state)
-    preps = [np.load(Path(st["work"]) / f"prep_{n}.npz") for n in names]
-    img = np.concatenate([p["calib_img"] for p in preps]).astype(np.float32)
-    gid = np.concatenate([p["calib_gid"] for p in preps])
-    index = get_index(st, "image")
-    sims, ids = index.knn(img, 2)
-    nn = np.where(ids[:, 0] == gid, sims[:, 1], sims[:, 0])
-    return {"median": float(np.median(nn)), "sampled": int(len(nn))}
+def calibrate_shard(task: ShardTask) -> dict:
+    """image_reuse's calibration queries of one shard (its seeded share of the sample drawn in
+    prepare): cosine to the nearest *other* image in the dataset-wide index, `calib_NAME.npy` + marker.
+    The client takes the median over the shards (`calibrated_radius`'s rule)."""
+    st = load_state(task.state)
+    p = np.load(Path(st["work"]) / f"prep_{task.name}.npz")
+    img, gid = p["calib_img"].astype(np.float32), p["calib_gid"]
+    nn = np.zeros(0, np.float32)
+    if len(img):
+        sims, ids = get_index(st, "image").knn(img, 2)
+        nn = np.where(ids[:, 0] == gid, sims[:, 1], sims[:, 0]).astype(np.float32)
+    save_npy(Path(st["work"]) / f"calib_{task.name}.npy", nn)
+    return _mark(st["work"], "calib", task.name, st["params_hash"], count=int(len(nn)))
 
 
 def raw_shard(task: ShardTask) -> dict:

@@ -158,6 +158,23 @@ def test_list_bucketed_range_search_finds_what_faiss_finds():
             assert list(mine) == sorted(mine)
 
 
+def test_ivf_training_is_seeded_and_single_threaded():
+    """scan trains its IVF with one thread: faiss' k-means with 2 threads gives other centroids
+    (measured: BLAS splits the products differently), so a thread count taken from the cluster's
+    size would make 1- and 2-worker scans differ."""
+    import faiss
+
+    from mmsanitize.index import train_ivf
+
+    img, _, _ = clustered_pairs(n=20000, d=64, classes=40, noise=0.3)
+    blob = lambda idx: faiss.serialize_index(idx).tobytes()  # noqa: E731
+    faiss.omp_set_num_threads(2)
+    first = train_ivf(img, nlist=256, codec="SQ8", seed=3)
+    assert faiss.omp_get_max_threads() == 1
+    assert blob(first) == blob(train_ivf(img, nlist=256, codec="SQ8", seed=3))
+    assert blob(first) != blob(train_ivf(img, nlist=256, codec="SQ8", seed=4))
+
+
 # ----------------------------------------------------------------------------- CLI end to end
 
 
