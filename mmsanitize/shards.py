@@ -757,6 +757,9 @@ def copy_range(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
 _PLAIN_NAMES = re.compile(rb"(?:[\x20-\x2d\x30-\x7e]+\.[\x20-\x2d\x30-\x40\x5b-\x7e]+\x00)*")
 _PLAIN_TYPES = frozenset(b"0\x007")  # regular file typeflags (b"0", NUL, b"7")
 _FAST_SCAN = True  # tests turn it off to compare with the streaming reader
+# Larger shards go through the streaming reader: it holds 1 MiB at a time, the fast path the whole
+# file (tiny samples, where the per-sample cost matters most, make 30 MB shards of 10,000).
+_FAST_MAX_BYTES = 256 << 20
 
 
 def _scan_plain_tar(buf) -> tuple[list, list, list, list, list] | None:
@@ -826,20 +829,37 @@ def _scan_plain_tar(buf) -> tuple[list, list, list, list, list] | None:
     joined = names[np.arange(101) <= length[:, None]].tobytes()
     if not _PLAIN_NAMES.fullmatch(joined):  # also refuses an empty name
         return None
-    text = joined[:-1].decode("ascii")
-    members = text.split("\0")
-    if len(set(members)) != count:  # a repeated name: a repeated key or extension
-        return None
-    parts = text.replace(".", "\0").split("\0")
+    parts = joined[:-1].decode("ascii").replace(".", "\0").split("\0")
     keys, exts = parts[0::2], parts[1::2]
+    offsets = heads * BLOCK + BLOCK
+    stops = offsets + sizes
+    # Usually every sample has the same members in the same order: then the samples are every
+    # `period` members, and a repeated name is a repeated extension in that pattern.
+    period = next((i for i, k in enumerate(keys) if k != keys[0]), count)
+    pattern = exts[:period]
+    if (count % period == 0 and exts == pattern * (count // period) and len(set(pattern)) == period
+            and all(keys[i::period] == keys[::period] for i in range(1, period))):
+        firsts = np.arange(0, count, period)
+        keys = keys[::period]
+        if len(set(keys)) != len(keys):  # a key that comes back after another key's members
+            return None
+        columns = []
+        for wanted in (TEXT_EXT, META_EXT):  # each sample's txt and json data (None when it has none)
+            if wanted in pattern:
+                at = slice(pattern.index(wanted), None, period)
+                columns.append([buf[i:j] for i, j in zip(offsets[at].tolist(), stops[at].tolist())])
+            else:
+                columns.append([None] * len(keys))
+        starts = (heads[firsts] * BLOCK).tolist()
+        return keys, starts, starts[1:] + [end * BLOCK], columns[0], columns[1]
+    if len(set(map("{}.{}".format, keys, exts))) != count:  # a repeated name: a repeated key or extension
+        return None
     # Members with the same key as the one before belong to its sample.
     firsts = np.flatnonzero(np.fromiter(map(str.__ne__, keys[1:], keys[:-1]), bool, count - 1)) + 1
     firsts = np.concatenate([[0], firsts])
     keys = [keys[i] for i in firsts.tolist()]
     if len(set(keys)) != len(keys):  # a key that comes back after another key's members
         return None
-    offsets = heads * BLOCK + BLOCK
-    stops = offsets + sizes
     columns = []
     for wanted in (TEXT_EXT, META_EXT):  # each sample's txt and json data (None when it has none)
         which = np.flatnonzero(np.fromiter(map(wanted.__eq__, exts), bool, count))
@@ -873,10 +893,13 @@ def _loads(data: bytes):
     return json.loads(data)
 
 
-def _read_whole(fileobj: BinaryIO) -> bytes | None:
-    """The whole file, or None when it cannot be read in one go (the streaming reader then reports)."""
+def _read_whole(fileobj: BinaryIO, limit: int) -> bytes | None:
+    """The whole file, or None when it is larger than `limit` bytes or cannot be read in one go
+    (the streaming reader then reads it, or reports)."""
     try:
         size = os.fstat(fileobj.fileno()).st_size
+        if size > limit:
+            return None
         fileobj.seek(0)
         data = fileobj.read()
     except (OSError, MemoryError, ValueError):
@@ -931,7 +954,7 @@ def rewrite_shard(
 
         columns = None
         if _FAST_SCAN:
-            buf = _read_whole(fin)
+            buf = _read_whole(fin, _FAST_MAX_BYTES)
             columns = _scan_plain_tar(buf) if buf is not None else None
             del buf
         samples = zip(*columns) if columns is not None else _stream_text_members(src)
