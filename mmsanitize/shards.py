@@ -823,10 +823,14 @@ def _scan_plain_tar(buf) -> tuple[list, list, list, list, list] | None:
     # Names (each up to its first NUL), joined by NULs and checked all at once.
     count = len(heads)
     nul = hdr[:, :100] == 0
-    length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
-    names = np.zeros((count, 101), np.uint8)
-    names[:, :100] = hdr[:, :100]
-    joined = names[np.arange(101) <= length[:, None]].tobytes()
+    length = nul.argmax(axis=1)
+    if nul[np.arange(count), length].all():  # every name ends with a NUL inside the field
+        joined = hdr[:, :100][np.arange(100) <= length[:, None]].tobytes()
+    else:  # some fill all 100 bytes: add a NUL column
+        length[~nul[np.arange(count), length]] = 100
+        names = np.zeros((count, 101), np.uint8)
+        names[:, :100] = hdr[:, :100]
+        joined = names[np.arange(101) <= length[:, None]].tobytes()
     if not _PLAIN_NAMES.fullmatch(joined):  # also refuses an empty name
         return None
     parts = joined[:-1].decode("ascii").replace(".", "\0").split("\0")

@@ -255,14 +255,16 @@ def _rewrite_both(monkeypatch, out, src, **kw):
     import mmsanitize.shards as shards
 
     got = {}
-    for fast in (True, False):
-        monkeypatch.setattr(shards, "_FAST_SCAN", fast)
-        o = out / ("fast" if fast else "stream")
+    for fast, limit in ((True, shards._FAST_MAX_BYTES), (False, 0), ("too large", 1000)):
+        monkeypatch.setattr(shards, "_FAST_SCAN", bool(fast))
+        monkeypatch.setattr(shards, "_FAST_MAX_BYTES", limit)  # a larger shard: the streaming reader
+        o = out / str(fast)
         try:
             shards.rewrite_shard(src, o, "00007", **kw)
             got[fast] = {p.name: p.read_bytes() for p in sorted(o.iterdir())}
         except ShardError as e:
             got[fast] = ("ShardError", str(e), sorted(p.name for p in o.iterdir()) if o.exists() else [])
+    assert got[True] == got["too large"]
     return got
 
 
@@ -285,7 +287,7 @@ def test_fast_splice_is_byte_identical_to_streaming_reader(tmp_path, monkeypatch
             assert got[True] == got[False], (src.name, kw)
             assert isinstance(got[True], dict) and len(got[True]) == 3
         # the parquet is img2dataset's: key, caption first, one row per sample in tar order
-        pq = pd.read_parquet(tmp_path / f"out{i}_0" / "fast" / "00007.parquet")
+        pq = pd.read_parquet(tmp_path / f"out{i}_0" / "True" / "00007.parquet")
         assert list(pq.columns[:2]) == ["key", "caption"] and list(pq["key"]) == keys
 
 
