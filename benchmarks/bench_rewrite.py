@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--cases", default="copy,drop,replace")
     ap.add_argument("--profile", action="store_true", help="cProfile one run of each case instead.")
     args = ap.parse_args()
-    import mmsanitize.shards as shards
+    from mmsanitize import shards
 
     src = Path(args.shard)
     raws = list(shards.iter_raw_samples(src))

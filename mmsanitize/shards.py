@@ -6,6 +6,8 @@ A shard is `NNNNN.tar` with members `KEY.jpg|png|webp|jpeg`, `KEY.txt`, `KEY.jso
 
 The tar reader is a small strict parser (regular files, GNU long names and pax headers only) so
 that every member's byte range is known: rewriters copy untouched members as raw bytes.
+`rewrite_shard` reads a plain shard (the usual layout) in memory with the same checks done for all
+headers at once (`_scan_plain_tar`), and any other through that parser.
 """
 
 from __future__ import annotations
@@ -755,7 +757,6 @@ def copy_range(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
 # A plain flat member name `KEY.EXT`: printable ASCII, one dot, no slash, a lower-case extension
 # (what `split_name` accepts unchanged and `_text_members` reads exactly for txt/json).
 _PLAIN_NAMES = re.compile(rb"(?:[\x20-\x2d\x30-\x7e]+\.[\x20-\x2d\x30-\x40\x5b-\x7e]+\x00)*")
-_PLAIN_TYPES = frozenset(b"0\x007")  # regular file typeflags (b"0", NUL, b"7")
 _FAST_SCAN = True  # tests turn it off to compare with the streaming reader
 # Larger shards go through the streaming reader: it holds 1 MiB at a time, the fast path the whole
 # file (tiny samples, where the per-sample cost matters most, make 30 MB shards of 10,000).
@@ -959,7 +960,10 @@ def rewrite_shard(
         columns = None
         if _FAST_SCAN:
             buf = _read_whole(fin, _FAST_MAX_BYTES)
-            columns = _scan_plain_tar(buf) if buf is not None else None
+            try:
+                columns = _scan_plain_tar(buf) if buf is not None else None
+            except MemoryError:  # its arrays did not fit: the streaming reader needs less
+                columns = None
             del buf
         samples = zip(*columns) if columns is not None else _stream_text_members(src)
         keys = w.keys

@@ -252,7 +252,7 @@ def _rich_shards(d):
 
 def _rewrite_both(monkeypatch, out, src, **kw):
     """rewrite_shard through the fast path and through the streaming reader: {fast: files or error}."""
-    import mmsanitize.shards as shards
+    from mmsanitize import shards
 
     got = {}
     for fast, limit in ((True, shards._FAST_MAX_BYTES), (False, 0), ("too large", 1000)):
@@ -305,7 +305,7 @@ def test_fast_splice_errors_match_streaming_reader(tmp_path, monkeypatch):
             for member, data in members:
                 add(tf, member, data)
         if name == "json-list":  # _row cannot take a list: the same exception either way
-            import mmsanitize.shards as shards
+            from mmsanitize import shards
 
             for fast in (True, False):
                 monkeypatch.setattr(shards, "_FAST_SCAN", fast)
