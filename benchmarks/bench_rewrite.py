@@ -1,6 +1,6 @@
 """Micro-benchmark of `rewrite_shard` alone on one shard: µs per sample, best of --repeat.
 
-Reports process CPU time (user + system, what a loaded machine does not inflate much) and wall time.
+Reports process CPU time (user + system; a loaded machine inflates it less than wall time) and wall time.
 
 Cases: `copy` (nothing changed), `drop` (every 100th key dropped, like sanitize) and `replace`
 (every 100th key replaced by a copy of itself under a new key, like poison). The code measured is
