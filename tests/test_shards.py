@@ -214,3 +214,114 @@ def test_file_fingerprint_is_content_based(tmp_path):
     os.utime(p, ns=(5, 5))  # same size and mtime, other bytes: the memo must not hide the change
     assert file_fingerprint(p) != first
     assert set(first) == {"name", "size", "sha256"}
+
+
+# ----------------------------------------------------------------------------- splicing fast path
+
+
+def _rich_shards(d):
+    """Shards that exercise rewrite_shard's parquet rows: (path, read by the in-memory fast path?)."""
+    d.mkdir(parents=True)
+    metas = [{"label": "dog", "n": 3, "ok": True, "x": 1.5, "none": None, "nested": {"a": 1}, "lst": [1]},
+             {"key": "other", "caption": "meta caption", "status": "failed", "label": "cat"},
+             None, {"label": "bøat ✓", "extra_col": "only here"}, {}]
+    with ShardWriter(d, "00000") as w:
+        w.write(Sample("k" * 95, make_image("dog", 99), "jpg", "a 100-byte member name", {"label": "dog"}))
+        for i in range(15):
+            w.write(Sample(f"k{i:03d}", make_image("dog", i), "png" if i % 3 else "jpg",
+                           f"caption {i} ünïcode" if i % 4 else f"plain {i}", metas[i % len(metas)],
+                           {"cls": str(i).encode()} if i % 5 == 0 else {}))
+    # Python's tarfile (pax format, plain ASCII names): json spelled with spaces, a BOM, no json
+    with tarfile.open(d / "00001.tar", "w") as tf:
+        for i in range(12):
+            add(tf, f"t{i:03d}.jpg", make_image("cat", 100 + i))
+            add(tf, f"t{i:03d}.txt", f"a cat {i}".encode())
+            js = [b' {"label": "cat"} ', b'\xef\xbb\xbf{"label":"cat"}', b'{"label":"cat","i":%d}' % i, None][i % 4]
+            if js is not None:
+                add(tf, f"t{i:03d}.json", js)
+    # GNU tar with a directory entry and an upper-case extension: only the streaming reader
+    with tarfile.open(d / "00002.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("somedir")
+        info.type = tarfile.DIRTYPE
+        tf.addfile(info)
+        for i in range(6):
+            add(tf, f"g{i:03d}.jpg", make_image("car", 200 + i))
+            add(tf, f"g{i:03d}.{'TXT' if i == 2 else 'txt'}", f"a car {i}".encode())
+    return [(d / "00000.tar", True), (d / "00001.tar", True), (d / "00002.tar", False)]
+
+
+def _rewrite_both(monkeypatch, out, src, **kw):
+    """rewrite_shard through the fast path and through the streaming reader: {fast: files or error}."""
+    from mmsanitize import shards
+
+    got = {}
+    for fast, limit in ((True, shards._FAST_MAX_BYTES), (False, 0), ("too large", 1000)):
+        monkeypatch.setattr(shards, "_FAST_SCAN", bool(fast))
+        monkeypatch.setattr(shards, "_FAST_MAX_BYTES", limit)  # a larger shard: the streaming reader
+        o = out / str(fast)
+        try:
+            shards.rewrite_shard(src, o, "00007", **kw)
+            got[fast] = {p.name: p.read_bytes() for p in sorted(o.iterdir())}
+        except ShardError as e:
+            got[fast] = ("ShardError", str(e), sorted(p.name for p in o.iterdir()) if o.exists() else [])
+    assert got[True] == got["too large"]
+    return got
+
+
+def test_fast_splice_is_byte_identical_to_streaming_reader(tmp_path, monkeypatch):
+    from mmsanitize.shards import _scan_plain_tar
+
+    for i, (src, plain) in enumerate(_rich_shards(tmp_path / "data")):
+        assert (_scan_plain_tar(src.read_bytes()) is not None) == plain, src.name
+        samples = list(iter_samples(src)) if i == 0 else []  # (parse_sample refuses a BOM in json)
+        keys = [r.key for r in iter_raw_samples(src, with_data=False)]
+        new = Sample("zz_new", make_image("boat", 7), "webp", "a new caption", {"label": "boat", "k": [1]})
+        edits = [{}, {"drop": {keys[0], keys[5]}}, {"drop": {keys[-1]}},
+                 {"replace": {keys[2]: new}, "drop": {keys[3]}, "append": [Sample("zz_app", b"img", "jpg", "app", None)]},
+                 {"append": samples[:2] and [Sample(s.key + "b", s.image, s.image_ext, s.caption, s.meta, s.extras)
+                                             for s in samples[:2]]},
+                 {"drop": set(keys[1:])},
+                 {"stats_extra": {"input": {"name": src.name}}}]
+        for j, kw in enumerate(edits):
+            got = _rewrite_both(monkeypatch, tmp_path / f"out{i}_{j}", src, **kw)
+            assert got[True] == got[False], (src.name, kw)
+            assert isinstance(got[True], dict) and len(got[True]) == 3
+        # the parquet is img2dataset's: key, caption first, one row per sample in tar order
+        pq = pd.read_parquet(tmp_path / f"out{i}_0" / "True" / "00007.parquet")
+        assert list(pq.columns[:2]) == ["key", "caption"] and list(pq["key"]) == keys
+
+
+def test_fast_splice_errors_match_streaming_reader(tmp_path, monkeypatch):
+    d = tmp_path / "bad"
+    d.mkdir()
+    cases = {"bad-json": [("a.txt", b"ok"), ("a.json", b'{"x":'), ("b.txt", b"ok")],
+             "bad-utf8": [("a.txt", b"ok"), ("b.txt", b"caf\xe9")],
+             "json-extra-data": [("a.txt", b"ok"), ("a.json", b'{"x":1} {"y":2}')],
+             "json-utf16": [("a.txt", b"ok"), ("a.json", '{"x":1}'.encode("utf-16-le"))],
+             "json-list": [("a.txt", b"ok"), ("a.json", b"[1, 2]")]}
+    for name, members in cases.items():
+        src = d / f"{name}.tar"
+        with tarfile.open(src, "w") as tf:
+            for member, data in members:
+                add(tf, member, data)
+        if name == "json-list":  # _row cannot take a list: the same exception either way
+            from mmsanitize import shards
+
+            for fast in (True, False):
+                monkeypatch.setattr(shards, "_FAST_SCAN", fast)
+                with pytest.raises(AttributeError):
+                    shards.rewrite_shard(src, tmp_path / name / str(fast), "00000")
+            continue
+        got = _rewrite_both(monkeypatch, tmp_path / name, src)
+        assert got[True] == got[False], got
+        if name == "json-utf16":  # json.loads reads UTF-16 bytes
+            assert isinstance(got[True], dict)
+        else:
+            assert got[True][0] == "ShardError" and got[True][2] == [], got
+    src = make_dataset(tmp_path / "good", n_shards=1, per_shard=6)[0]
+    keys = [r.key for r in iter_raw_samples(src, with_data=False)]
+    clash = Sample(keys[4], make_image("dog", 9), "jpg", "clash", None)  # a replacement named like a later key
+    for kw in ({"replace": {keys[1]: clash}}, {"drop": {"nope"}}, {"append": [clash]},
+               {"replace": {keys[4]: Sample(keys[0], b"x", "jpg", "c", None)}}):
+        got = _rewrite_both(monkeypatch, tmp_path / f"clash{len(str(kw))}", src, **kw)
+        assert got[True] == got[False] and got[True][0] == "ShardError", got
