@@ -139,7 +139,10 @@ def run_tree(cmd: list[str], env: dict) -> dict:
     import psutil
 
     t0 = time.time()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: run from the
+    # checkout whose code is meant (`--code`), not from wherever the script was started
+    proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     p = psutil.Process(proc.pid)
     client = worker = 0
     while proc.poll() is None:
