@@ -236,6 +236,7 @@ def main() -> None:
     ap.add_argument("--all-shards", type=int, default=None, help="Shards for the all-detector scan (default all).")
     ap.add_argument("--skip-all", action="store_true", help="Skip the all-detector scan.")
     ap.add_argument("--skip-ratio", action="store_true", help="Skip the 1-vs-2-worker job.")
+    ap.add_argument("--only-all", action="store_true", help="Run only the all-detector scan (--all-shards).")
     ap.add_argument("--only-ratio", action="store_true",
                     help="Run only the 1-vs-2-worker job (on --ratio-shards shards) and print its ratio.")
     ap.add_argument("--code", default=str(ROOT),
@@ -276,10 +277,10 @@ def main() -> None:
     print(f"catalog (once, cached for the scans): {r['seconds']:.0f} s, {args.n / r['seconds']:,.0f} pairs/s, "
           f"peak RSS client {r['client_rss'] / 2**30:.2f} GiB, worker {r['worker_rss'] / 2**30:.2f} GiB", flush=True)
     full = shard_subset(cache, None)
-    d2 = None if args.only_ratio else scan("default_2w", full, 2)
+    d2 = None if args.only_ratio or args.only_all else scan("default_2w", full, 2)
     sub = shard_subset(cache, args.ratio_shards)
     r1 = r2 = None
-    if not args.skip_ratio:
+    if not (args.skip_ratio or args.only_all):
         r2 = d2 if sub == full and d2 is not None else scan("ratio_2w", sub, 2)
         r1 = scan("ratio_1w", sub, 1)
     if not (args.skip_all or args.only_ratio):
@@ -293,17 +294,18 @@ def main() -> None:
               f"{r['client_rss'] / 2**30:.2f} | {r['worker_rss'] / 2**30:.2f} |")
     if r1 is not None:
         print(f"\n2 workers vs 1 on the default scan of {r1['n']:,} pairs: {r1['seconds'] / r2['seconds']:.2f}x")
-    if d2 is None:
+    if d2 is None and not args.only_all:
         return
-    rc = recall_curve(cache, work / "default_2w", args.queries, args.seed)
-    print(f"\nkNN recall@10 of the scan's image index ({rc['kind']}) vs exact search on {args.queries:,} seeded "
-          f"queries (exact: {rc['exact_ms']:.2f} ms/query, streamed over the float16 files):")
-    print("| nprobe | re-rank | recall@10 | ms/query | vs exact | scan's setting |")
-    print("|---|---|---|---|---|---|")
-    for c in rc["curve"]:
-        rr = "no (SQ8 order)" if c["refine"] is None else f"{c['refine']}x{10} candidates"
-        print(f"| {c['nprobe']} | {rr} | {c['recall']:.4f} | {c['ms']:.3f} | {rc['exact_ms'] / c['ms']:.0f}x faster | "
-              f"{'yes' if c['scan'] else ''} |")
+    if d2 is not None:
+        rc = recall_curve(cache, work / "default_2w", args.queries, args.seed)
+        print(f"\nkNN recall@10 of the scan's image index ({rc['kind']}) vs exact search on {args.queries:,} seeded "
+              f"queries (exact: {rc['exact_ms']:.2f} ms/query, streamed over the float16 files):")
+        print("| nprobe | re-rank | recall@10 | ms/query | vs exact | scan's setting |")
+        print("|---|---|---|---|---|---|")
+        for c in rc["curve"]:
+            rr = "no (SQ8 order)" if c["refine"] is None else f"{c['refine']}x{10} candidates"
+            print(f"| {c['nprobe']} | {rr} | {c['recall']:.4f} | {c['ms']:.3f} | {rc['exact_ms'] / c['ms']:.0f}x faster | "
+                  f"{'yes' if c['scan'] else ''} |")
     print("\nplanted-poison detection (summary.json, --manifest):")
     print("| scan | detector | AUROC | precision@k | flagged | precision | recall |")
     print("|---|---|---|---|---|---|---|")
@@ -316,6 +318,8 @@ def main() -> None:
                 f = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
                 print(f"| {r['tag']} | {name} | {f(m.get('auroc'))} | {f(m.get('precision_at_k'))} | "
                       f"{f(m.get('flagged'))} | {f(m.get('precision'))} | {f(m.get('recall'))} |")
+    if d2 is None:
+        return
     kinds = __import__("pandas").read_parquet(man)
     sc = __import__("pandas").read_parquet(work / "default_2w" / "scores.parquet", columns=["key", "image_reuse", "flagged"])
     m = sc.merge(kinds, on="key", how="left")
