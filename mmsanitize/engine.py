@@ -150,6 +150,46 @@ def run_task(fn: Callable[[Any], Any], task: Any) -> Any:
         return TaskFailure(f"shard {task.name}: internal error {type(e).__name__}: {e}", traceback.format_exc())
 
 
+@dataclass(frozen=True)
+class Call:
+    """A task that is not one shard's (an index's training or merge): `fn(*args)` run through
+    `run_task`, so a failure comes back as a TaskFailure naming `name` instead of a worker log."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+
+
+def _call(task: Call) -> Any:
+    return task.fn(*task.args)
+
+
+def submit_call(client: Any, call: Call) -> tuple[str, Any]:
+    """Submit `call` to the cluster without waiting: (its name, its future), for `gather_calls`."""
+    return call.name, client.submit(run_task, _call, call, key=f"{call.name}-{os.getpid()}-{time.time_ns()}",
+                                    pure=False)
+
+
+def gather_calls(client: Any, submitted: list[tuple[str, Any]]) -> list:
+    """The results of `submit_call`'s submissions, in order; EngineError (one line, tracebacks to
+    the log file) when any failed."""
+    failures, traces, results = {}, {}, []
+    for name, res in zip([n for n, _ in submitted], client.gather([f for _, f in submitted])):
+        if isinstance(res, TaskFailure):
+            failures[name] = res.message
+            if res.traceback:
+                traces[name] = res.traceback
+        results.append(res)
+    if traces:
+        from .errors import log_traceback
+
+        path = log_traceback("".join(f"{k}:\n{v}\n" for k, v in traces.items()))
+        failures = {k: f"{v} (traceback in {path})" if k in traces else v for k, v in failures.items()}
+    if failures:
+        raise EngineError(failures, len(submitted))
+    return results
+
+
 def task_timeout() -> float | None:
     """The per-task watchdog in seconds (`MMSANITIZE_TASK_TIMEOUT`, default 6 h; 0 = off)."""
     value = float(os.environ.get("MMSANITIZE_TASK_TIMEOUT", 6 * 3600))

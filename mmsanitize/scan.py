@@ -395,7 +395,7 @@ def scan(
     from .catalog import CatalogTask, _part_done, catalog_dir, catalog_shard
     from .emb_folder import join_clip, layout, model_card
     from .embed import embed as run_embed
-    from .engine import dask_client, map_shards
+    from .engine import Call, dask_client, gather_calls, map_shards, submit_call
     from .index import choose_kind
 
     from .untrained import check_scan_model, scan_warnings
@@ -516,7 +516,7 @@ def scan(
         state = T.write_state(work / "state_prep.pkl", st)
         training = []
         if kind == "ivf":  # on seeded samples read from the embeddings: beside prepare, which does not need them
-            training = [client.submit(T.train_index, state, kd, pure=False) for kd in kinds
+            training = [submit_call(client, Call(f"{kd} index training", T.train_index, (state, kd))) for kd in kinds
                         if overwrite or not (work / f"{kd}.trained.json").exists()]
         phase(T.prepare_shard, "prepare", "prep")
 
@@ -563,12 +563,14 @@ def scan(
         # ---- indexes: trained once on a sample, filled per shard, merged on disk (IVF)
         state = T.write_state(work / "state_index.pkl", st)
         if kind == "ivf":
-            client.gather(training)
+            gather_calls(client, training)
             index["trained_on"] = json.loads((work / f"{kinds[0]}.trained.json").read_text())["trained_on"]
             phase(T.fill_shard, "index", "fill")
-            client.gather([client.submit(T.merge_index, state, kd, names, pure=False) for kd in kinds])
+            gather_calls(client, [submit_call(client, Call(f"{kd} index merge", T.merge_index, (state, kd, names)))
+                                  for kd in kinds])
         else:
-            client.gather([client.submit(T.save_exact_index, state, kd, pure=False) for kd in kinds[:2]])
+            gather_calls(client, [submit_call(client, Call(f"{kd} index", T.save_exact_index, (state, kd)))
+                                  for kd in kinds[:2]])
         if "image_reuse" in detectors:
             if n_total < 3:
                 det_state["image_reuse"] = {"radius": 0.94, "median_nn_cosine": None, "sampled": 0}

@@ -317,3 +317,22 @@ def test_ivf_scan_knn_is_reranked_exactly_and_recalls_the_exact_neighbours(tmp_p
     assert one.returncode == 0, one.stderr
     for f in ("scores.parquet", "summary.json", "index/image.ivfdata"):  # (image.index names its folder)
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "scan" / f).read_bytes(), f
+
+
+def test_bad_embeddings_with_ivf_give_one_line_while_the_index_trains(tmp_path):
+    """The IVF training runs beside the prepare phase on data prepare has not checked yet: a
+    truncated embedding file must still give prepare's one-line error (exit 2), not the training
+    task's Dask worker log."""
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=4, per_shard=60)
+    emb = tmp_path / "emb"
+    thumbnail_embeddings(data, emb)
+    f = emb / "img_emb" / "img_emb_00002.npy"
+    np.save(f, np.load(f)[:-7])
+    r = _scan_cli(data, "--embeddings", emb, "--threshold", "auto", "--index", "ivf", "--workers", "2",
+                  "--out", tmp_path / "scan")
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "00002.tar" in lines[0] and "53 image rows" in lines[0], r.stderr
+    assert "distributed" not in r.stderr and "Traceback" not in r.stderr
+
