@@ -313,7 +313,7 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> Index:
 def train_ivf(sample: np.ndarray, *, nlist: int, codec: str = "SQ8", seed: int = 0):
     """A faiss `IVF{nlist},{codec}` inner-product index trained on `sample`: seeded k-means (10
     iterations) on one thread. Its centroids depend on the thread count (BLAS partitions the
-    products differently; tested), so scan trains single-threaded and beside other work rather
+    products differently; measured), so scan trains single-threaded and beside other work rather
     than with more threads: 1- and 2-worker scans then write the same outputs."""
     import faiss
 

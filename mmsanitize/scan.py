@@ -575,10 +575,12 @@ def scan(
             if n_total < 3:
                 det_state["image_reuse"] = {"radius": 0.94, "median_nn_cosine": None, "sampled": 0}
             else:
+                from .detectors import image_reuse
+
                 phase(T.calibrate_shard, "calibrate", "calib")
                 nn = np.concatenate([np.load(work / f"calib_{n}.npy") for n in names])
                 med = float(np.median(nn))
-                r = None if med >= 0.98 else float(max(0.94, 1.0 - (1.0 - med) / 4.0))
+                r = image_reuse.radius_from_median(med)
                 det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": int(len(nn))}
             st["image_reuse"] = det_state["image_reuse"]
         if "kdistance" in detectors:

@@ -32,8 +32,14 @@ def calibrated_radius(img: np.ndarray, image_index, *, radius: float = 0.94, sam
     sims, ids = image_index.knn(np.asarray(img[rows], np.float32), 2)
     nn = np.where(ids[:, 0] == rows, sims[:, 1], sims[:, 0])
     med = float(np.median(nn))
-    r = None if med >= collapsed else float(max(radius, 1.0 - (1.0 - med) / 4.0))
-    return {"radius": r, "median_nn_cosine": med, "sampled": int(len(rows))}
+    return {"radius": radius_from_median(med, radius=radius, collapsed=collapsed), "median_nn_cosine": med,
+            "sampled": int(len(rows))}
+
+
+def radius_from_median(med: float, *, radius: float = 0.94, collapsed: float = 0.98) -> float | None:
+    """`calibrated_radius`'s rule from the median nearest-other-image cosine `med`: max(`radius`,
+    1 − (1 − med)/4), or None for a collapsed space (med ≥ `collapsed`)."""
+    return None if med >= collapsed else float(max(radius, 1.0 - (1.0 - med) / 4.0))
 
 
 def score(
