@@ -326,8 +326,12 @@ def train_index(state: str, kind: str) -> dict:
 
 
 def fill_shard(task: ShardTask) -> dict:
-    """Add the shard's vectors (with global ids) to copies of the trained IVF indexes: `WORK/KIND_NAME.ivf`."""
+    """Add the shard's vectors (with global ids) to copies of the trained IVF indexes: `WORK/KIND_NAME.ivf`.
+    For the image index it also keeps each row's `range_nprobe` nearest lists (`WORK/assign_NAME.npy`):
+    image_reuse's range search of the same rows then skips its coarse-quantizer search."""
     import faiss
+
+    from .index import ivf_add
 
     st = load_state(task.state)
     faiss.omp_set_num_threads(1)
@@ -335,7 +339,10 @@ def fill_shard(task: ShardTask) -> dict:
     for kind in st["index"]["kinds"]:
         idx = faiss.read_index(str(Path(st["work"]) / f"{kind}.trained"))
         v, gid = rows.vectors(kind, task.index)
-        idx.add_with_ids(np.ascontiguousarray(v, np.float32), gid)
+        keep = kind == "image" and "image_reuse" in st["detectors"]
+        assign = ivf_add(idx, v, gid, st["index"]["range_nprobe"] if keep else 1)
+        if keep:
+            save_npy(Path(st["work"]) / f"assign_{task.name}.npy", assign)
         tmp = Path(st["work"]) / f"{kind}_{task.name}.ivf.tmp"
         faiss.write_index(idx, str(tmp))
         os.replace(tmp, Path(st["work"]) / f"{kind}_{task.name}.ivf")
@@ -415,7 +422,10 @@ def raw_shard(task: ShardTask) -> dict:
             index = get_index(st, "image")
             if index.kind == "ivf":
                 index.faiss_index.nprobe = st["index"]["range_nprobe"]
-            lims, _, ids = index.range_search(img, radius)  # the whole shard: more queries per inverted list
+            assign = None
+            if index.kind == "ivf":
+                assign = np.load(Path(st["work"]) / f"assign_{task.name}.npy")
+            lims, _, ids = index.range_search(img, radius, assign)  # the whole shard: more queries per inverted list
             q = np.repeat(gid, np.diff(lims))
             keep = ids != q
             pa_.append(q[keep])

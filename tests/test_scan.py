@@ -158,6 +158,36 @@ def test_list_bucketed_range_search_finds_what_faiss_finds():
             assert list(mine) == sorted(mine)
 
 
+def test_range_search_reuses_the_lists_found_when_the_index_was_filled():
+    """ivf_add (one quantizer search for the add and the later range search) fills the same index
+    as faiss' add_with_ids, and its kept lists give the same range results as a fresh search."""
+    import faiss
+
+    from mmsanitize.index import ivf_add, ivf_batch_range
+
+    img, _, _ = clustered_pairs(n=6000, d=32, classes=50, noise=0.3)
+    img = np.ascontiguousarray(img, np.float32)
+    faiss.omp_set_num_threads(1)
+    trained = faiss.index_factory(32, "IVF64,SQ8", faiss.METRIC_INNER_PRODUCT)
+    trained.train(img)
+    ids = np.arange(len(img), dtype=np.int64) + 1000
+    ref, mine = faiss.clone_index(trained), faiss.clone_index(trained)
+    ref.add_with_ids(img, ids)
+    assign = ivf_add(mine, img, ids, probes=6)
+    assert assign.shape == (len(img), 6) and assign.dtype == np.int32
+    assert np.array_equal(faiss.serialize_index(ref), faiss.serialize_index(mine))
+    mine.nprobe = 4
+    fresh = ivf_batch_range(mine, img[:500], 0.9)
+    kept = ivf_batch_range(mine, img[:500], 0.9, assign[:500])
+    assert fresh[0][-1] > 500
+    for a, b in zip(fresh, kept):
+        assert np.array_equal(a, b)
+    wrong = np.roll(assign[:500], 1, axis=0)  # other rows' lists: the kept lists are what is searched
+    assert not np.array_equal(ivf_batch_range(mine, img[:500], 0.9, wrong)[2], fresh[2])
+    with pytest.raises(ValueError, match="need"):
+        ivf_batch_range(mine, img[:500], 0.9, assign[:500, :2])
+
+
 def test_ivf_training_is_seeded_and_single_threaded():
     """scan trains its IVF with one thread: faiss' k-means with 2 threads gives other centroids
     (measured: BLAS splits the products differently), so a thread count taken from the cluster's
