@@ -464,8 +464,10 @@ def scan(
     work = out / "work"
     work.mkdir(exist_ok=True)
 
-    def phase(fn, desc, marker=None):
-        tasks = [T.ShardTask(n, i, state) for i, n in enumerate(names)]
+    def phase(fn, desc, marker=None, groups=None):
+        # one task per shard, or per group of shards ((first, end) positions: named by the first)
+        tasks = [T.ShardTask(n, i, state) for i, n in enumerate(names)] if groups is None else \
+            [T.ShardTask(names[a], g, state) for g, (a, _) in enumerate(groups)]
         done = None if overwrite else (lambda t: T.done_marker(work, marker, t.name, phash))
         return map_shards(fn, tasks, is_done=done, client=client, desc=f"scan: {desc}")
 
@@ -583,6 +585,12 @@ def scan(
                 r = image_reuse.radius_from_median(med)
                 det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": int(len(nn))}
             st["image_reuse"] = det_state["image_reuse"]
+            if kind == "ivf":  # near-duplicate pairs by groups of shards: each inverted list read once per group
+                groups = T.near_groups(offsets, 16 * index["nlist"])
+                index["range_groups"] = len(groups)
+                st["near_groups"] = groups
+                state = T.write_state(work / "state_near.pkl", st)
+                phase(T.near_group, "near-duplicates", "near", groups)
         if "kdistance" in detectors:
             det_state["kdistance"] = {"method": "1 - cos of the image's k-th neighbour among all images and captions "
                                                 "(Huang et al. 2025)", "k": max(k, 16)}

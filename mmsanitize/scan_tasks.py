@@ -7,8 +7,8 @@ killed run redoes only the shards without a marker. Global ids are positions in 
 (shards in order, rows in shard order), as in a whole-dataset scan.
 
 Phases (driven by `scan.scan`): prepare (cosines, class sums, seeded samples), with the IVF
-training tasks running beside it -> [index fill] -> [image_reuse's radius calibration] -> raw
-detector scores -> [density's second pass] -> final (combined score, flags, reasons,
+training tasks running beside it -> [index fill] -> [image_reuse's radius calibration] -> [its
+near-duplicate pairs, IVF: by groups of shards] -> raw detector scores -> [density's second pass] -> final (combined score, flags, reasons,
 `scores_NAME.parquet`) -> [manifest metrics].
 """
 
@@ -393,6 +393,47 @@ def calibrate_shard(task: ShardTask) -> dict:
     return _mark(st["work"], "calib", task.name, st["params_hash"], count=int(len(nn)))
 
 
+def near_groups(offsets: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """Consecutive shards cut into groups of at least `rows` rows (the last may be smaller):
+    [(first, end)] shard positions. A function of the shard sizes only, never of the cluster."""
+    groups, a = [], 0
+    for s in range(len(offsets) - 1):
+        if offsets[s + 1] - offsets[a] >= rows:
+            groups.append((a, s + 1))
+            a = s + 1
+    if a < len(offsets) - 1:
+        groups.append((a, len(offsets) - 1))
+    return groups
+
+
+def near_group(task: ShardTask) -> dict:
+    """image_reuse's near-duplicate pairs (cosine ≥ the calibrated radius) of one group of shards
+    (`st["near_groups"][task.index]`) against the IVF image index: one list-bucketed range search
+    over all the group's rows, so each probed inverted list is read and decoded once per group
+    instead of once per shard (at 10M pairs a shard's 10,000 rows probe nearly every list), with
+    the lists kept by `fill_shard`. Writes `near_NAME.npy` (2 × pairs: row, other row; self pairs
+    dropped) per shard of the group, then the group's marker."""
+    st = load_state(task.state)
+    rows = rows_for(task.state)
+    work = Path(st["work"])
+    a, b = st["near_groups"][task.index]
+    index = get_index(st, "image")
+    img = np.concatenate([np.asarray(rows._array("img", s), np.float32) for s in range(a, b)])
+    assign = np.concatenate([np.load(work / f"assign_{rows.shards[s]['name']}.npy") for s in range(a, b)])
+    index.faiss_index.nprobe = st["index"]["range_nprobe"]
+    try:
+        lims, _, ids = index.range_search(img, st["image_reuse"]["radius"], assign)
+    finally:  # the cached index serves kNN (nprobe) in the later phases
+        index.faiss_index.nprobe = st["index"]["nprobe"]
+    q = np.repeat(np.arange(rows.offsets[a], rows.offsets[b], dtype=np.int64), np.diff(lims))
+    keep = ids != q
+    q, ids = q[keep], ids[keep]
+    cuts = np.searchsorted(q, rows.offsets[a:b + 1])
+    for j, s in enumerate(range(a, b)):
+        save_npy(work / f"near_{rows.shards[s]['name']}.npy", np.stack([q[cuts[j]:cuts[j + 1]], ids[cuts[j]:cuts[j + 1]]]))
+    return _mark(st["work"], "near", task.name, st["params_hash"], count=int(rows.offsets[b] - rows.offsets[a]))
+
+
 def raw_shard(task: ShardTask) -> dict:
     """Every detector's raw score for the shard's rows against the dataset-wide state and indexes;
     writes `raw_NAME.npz` (+ `kdist_NAME.npy` for density) and returns nothing large."""
@@ -419,17 +460,16 @@ def raw_shard(task: ShardTask) -> dict:
         pa_, pb_ = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
         radius = st["image_reuse"]["radius"]
         if radius is not None:
-            index = get_index(st, "image")
-            if index.kind == "ivf":
-                index.faiss_index.nprobe = st["index"]["range_nprobe"]
-            assign = None
-            if index.kind == "ivf":
-                assign = np.load(Path(st["work"]) / f"assign_{task.name}.npy")
-            lims, _, ids = index.range_search(img, radius, assign)  # the whole shard: more queries per inverted list
-            q = np.repeat(gid, np.diff(lims))
-            keep = ids != q
-            pa_.append(q[keep])
-            pb_.append(ids[keep])
+            if st["index"]["kind"] == "ivf":  # found by near_group
+                pairs = np.load(Path(st["work"]) / f"near_{task.name}.npy")
+                pa_.append(pairs[0])
+                pb_.append(pairs[1])
+            else:
+                lims, _, ids = get_index(st, "image").range_search(img, radius)
+                q = np.repeat(gid, np.diff(lims))
+                keep = ids != q
+                pa_.append(q[keep])
+                pb_.append(ids[keep])
         dups = st["dups"]  # (gid, group) of rows whose image hash appears more than once
         mine = (dups["gid"] >= off) & (dups["gid"] < off + n)
         if mine.any():
@@ -442,8 +482,6 @@ def raw_shard(task: ShardTask) -> dict:
                 pb_.append(b[a != b])
         out["image_reuse"] = image_reuse.count_different(
             np.concatenate(pa_), np.concatenate(pb_), n, off, lambda ids: rows.take("txt", ids), rows.captions)
-    if "image_reuse" in dets and st["index"]["kind"] == "ivf":
-        get_index(st, "image").faiss_index.nprobe = st["index"]["nprobe"]
     if "caption_neighbours" in dets:
         ti, ii = get_index(st, "text"), get_index(st, "image")
         t2i = np.zeros(n, np.float32)

@@ -158,6 +158,16 @@ def test_list_bucketed_range_search_finds_what_faiss_finds():
             assert list(mine) == sorted(mine)
 
 
+def test_near_duplicate_groups_depend_on_the_shard_sizes_only():
+    from mmsanitize.scan_tasks import near_groups
+
+    offsets = np.r_[0, np.cumsum([10, 10, 5, 30, 10, 10, 1])]
+    assert near_groups(offsets, 20) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert near_groups(offsets, 1) == [(i, i + 1) for i in range(7)]
+    assert near_groups(offsets, 10**6) == [(0, 7)]
+    assert near_groups(np.zeros(1, np.int64), 5) == []
+
+
 def test_range_search_reuses_the_lists_found_when_the_index_was_filled():
     """ivf_add (one quantizer search for the add and the later range search) fills the same index
     as faiss' add_with_ids, and its kept lists give the same range results as a fresh search."""

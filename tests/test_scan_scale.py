@@ -276,6 +276,7 @@ def test_ivf_scan_knn_is_reranked_exactly_and_recalls_the_exact_neighbours(tmp_p
     the same outputs as two."""
     import importlib.util
 
+    from mmsanitize import scan_tasks as T
     from mmsanitize.index import load_ondisk
     from mmsanitize.scan_tasks import Rows
 
@@ -317,6 +318,21 @@ def test_ivf_scan_knn_is_reranked_exactly_and_recalls_the_exact_neighbours(tmp_p
     assert one.returncode == 0, one.stderr
     for f in ("scores.parquet", "summary.json", "index/image.ivfdata"):  # (image.index names its folder)
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "scan" / f).read_bytes(), f
+    # the near-duplicate pairs, found by groups of shards through the IVF lists kept at fill time,
+    # are the exact ones: every row's image_reuse equals the count from an exact all-pairs search
+    radius = json.loads((tmp_path / "scan" / "summary.json").read_text())["detector_state"]["image_reuse"]["radius"]
+    assert s["range_groups"] == len(T.near_groups(np.arange(0, 20_001, 5_000), 16 * s["nlist"])) >= 1
+    sc = pd.read_parquet(tmp_path / "scan" / "scores.parquet", columns=["key", "image_reuse"])
+    man = pd.read_parquet(tmp_path / "gen" / "manifest.parquet")
+    near = sc["key"].isin(man.loc[man["kind"] == "near-copy", "key"])
+    assert near.sum() == 50 and (sc.loc[near, "image_reuse"] > 0).all()
+    close = np.zeros(len(base), bool)
+    for a in range(0, len(base), 2_000):
+        sims = base[a:a + 2_000] @ base.T
+        sims[np.arange(len(sims)), np.arange(a, a + len(sims))] = -1
+        close[a:a + 2_000] = (sims >= radius + 0.01).any(1)  # clear of the SQ8 rounding at the edge
+    assert close[near.to_numpy()].all()
+    assert (sc["image_reuse"].to_numpy()[close] > 0).all()
 
 
 def test_bad_embeddings_with_ivf_give_one_line_while_the_index_trains(tmp_path):
