@@ -586,7 +586,10 @@ def scan(
                 det_state["image_reuse"] = {"radius": r, "median_nn_cosine": med, "sampled": int(len(nn))}
             st["image_reuse"] = det_state["image_reuse"]
             if kind == "ivf":  # near-duplicate pairs by groups of shards: each inverted list read once per group
-                groups = T.near_groups(offsets, 16 * index["nlist"])
+                # 16·nlist rows probe each list ~16·range_nprobe = 128 times per group (products big
+                # enough to be efficient), capped at 256 MB of float32 rows per task
+                dim = int(np.load(files[0][0], mmap_mode="r").shape[1])
+                groups = T.near_groups(offsets, min(16 * index["nlist"], 2**26 // dim))
                 index["range_groups"] = len(groups)
                 st["near_groups"] = groups
                 state = T.write_state(work / "state_near.pkl", st)
