@@ -144,13 +144,15 @@ def run_tree(cmd: list[str], env: dict) -> dict:
     proc = subprocess.Popen(cmd, env=env, cwd=env["PYTHONPATH"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     p = psutil.Process(proc.pid)
-    client = worker = 0
+    client = worker = client_anon = worker_anon = 0
     while proc.poll() is None:
         try:
             client = max(client, p.memory_info().rss)
+            client_anon = max(client_anon, anon_rss(p.pid))
             for c in p.children(recursive=True):
                 try:
                     worker = max(worker, c.memory_info().rss)
+                    worker_anon = max(worker_anon, anon_rss(c.pid))
                 except psutil.Error:
                     pass
         except psutil.Error:
@@ -159,7 +161,22 @@ def run_tree(cmd: list[str], env: dict) -> dict:
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return {"seconds": time.time() - t0, "client_rss": client, "worker_rss": worker, "stdout": out}
+    return {"seconds": time.time() - t0, "client_rss": client, "worker_rss": worker, "client_anon": client_anon,
+            "worker_anon": worker_anon, "stdout": out}
+
+
+def anon_rss(pid: int) -> int:
+    """RssAnon of `pid` in bytes (0 when unreadable): RSS without the file pages a process has
+    memory-mapped (the shards' embedding files, the on-disk inverted lists), which the kernel can
+    drop and re-read at any time."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def shard_subset(cache: Path, count: int | None) -> str:
@@ -269,8 +286,8 @@ def main() -> None:
         r.update(tag=tag, n=n, workers=workers)
         rows.append(r)
         print(f"  {tag}: {n:,} pairs, {workers} worker(s): {r['seconds']:.0f} s, {n / r['seconds']:,.0f} pairs/s, "
-              f"peak RSS client {r['client_rss'] / 2**30:.2f} GiB, largest worker {r['worker_rss'] / 2**30:.2f} GiB",
-              flush=True)
+              f"peak RSS client {r['client_rss'] / 2**30:.2f} GiB, largest worker {r['worker_rss'] / 2**30:.2f} GiB "
+              f"(anonymous: {r['client_anon'] / 2**30:.2f} / {r['worker_anon'] / 2**30:.2f} GiB)", flush=True)
         return r
 
     r = run_tree(py + ["catalog", str(cache / "data"), "--workers", "2"], env)
@@ -287,11 +304,13 @@ def main() -> None:
         scan("all_2w", shard_subset(cache, args.all_shards), 2, "--flag-fraction", "0.01", "--detectors",
              "similarity,class_consistency,image_reuse,caption_neighbours,density,kdistance")
 
-    print("\n| job | pairs | workers | wall s | pairs/s | peak RSS client GiB | peak RSS largest worker GiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| job | pairs | workers | wall s | pairs/s | peak RSS client GiB | peak RSS largest worker GiB | "
+          "anonymous (client / worker) GiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tag']} | {r['n']:,} | {r['workers']} | {r['seconds']:.0f} | {r['n'] / r['seconds']:,.0f} | "
-              f"{r['client_rss'] / 2**30:.2f} | {r['worker_rss'] / 2**30:.2f} |")
+              f"{r['client_rss'] / 2**30:.2f} | {r['worker_rss'] / 2**30:.2f} | "
+              f"{r['client_anon'] / 2**30:.2f} / {r['worker_anon'] / 2**30:.2f} |")
     if r1 is not None:
         print(f"\n2 workers vs 1 on the default scan of {r1['n']:,} pairs: {r1['seconds'] / r2['seconds']:.2f}x")
     if d2 is None and not args.only_all:

@@ -27,6 +27,7 @@ from .errors import ShardError
 from .shards import write_json_atomic
 
 VECTOR_KINDS = ("image", "text", "joint", "union")
+CAPTION_SHARDS = 64  # shards' caption columns a worker keeps in memory (Rows.captions)
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,15 @@ class Rows:
         s_of = np.searchsorted(self.offsets, ids, side="right") - 1
         out = np.empty(len(ids), dtype=object)
         for s in np.unique(s_of):
-            if s not in self._caps:
-                self._caps[s] = pq.read_table(self.shards[s]["catalog"], columns=["caption"]).column(0).to_numpy(
+            caps = self._caps.pop(s, None)
+            if caps is None:
+                caps = pq.read_table(self.shards[s]["catalog"], columns=["caption"]).column(0).to_numpy(
                     zero_copy_only=False)
+            self._caps[s] = caps  # most recently used last
+            if len(self._caps) > CAPTION_SHARDS:  # partners spread over every shard: bounded, not N captions
+                del self._caps[next(iter(self._caps))]
             m = s_of == s
-            out[m] = self._caps[s][ids[m] - self.offsets[s]]
+            out[m] = caps[ids[m] - self.offsets[s]]
         return out
 
     def vectors(self, kind: str, s: int) -> tuple[np.ndarray, np.ndarray]:

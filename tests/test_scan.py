@@ -380,3 +380,22 @@ def test_bad_inputs_are_one_line_errors(emb_data, tmp_path, dask_address, capsys
     err = _error(capsys, base + ["--out", str(tmp_path / "s3"), "--embeddings", str(short), "--threshold", "0.2"])
     assert "00001.tar" in err and "11 rows" in err and "12 samples" in err
     assert not (tmp_path / "s3" / "scores.parquet").exists()
+
+
+def test_worker_caption_cache_is_bounded_and_stays_correct(tmp_path, monkeypatch):
+    """Rows.captions keeps at most CAPTION_SHARDS shards' captions (near-duplicate partners can sit
+    in every shard of a web-scale scan) and still returns each row's own caption."""
+    from mmsanitize import scan_tasks as T
+
+    monkeypatch.setattr(T, "CAPTION_SHARDS", 2)
+    shards = []
+    for s in range(5):
+        path = tmp_path / f"{s:05d}.parquet"
+        pd.DataFrame({"caption": [f"shard {s} row {i}" for i in range(3)]}).to_parquet(path)
+        shards.append({"name": f"{s:05d}", "catalog": str(path)})
+    rows = T.Rows({"shards": shards, "offsets": np.arange(0, 16, 3), "work": str(tmp_path)})
+    ids = np.array([14, 0, 7, 3, 12, 1, 8, 5, 13])
+    for _ in range(2):
+        got = rows.captions(ids)
+        assert list(got) == [f"shard {i // 3} row {i % 3}" for i in ids]
+        assert len(rows._caps) <= 2
