@@ -524,7 +524,17 @@ def scan(
 
         # ---- small global state, fitted on the client from the shards' samples
         det_state: dict = {}
-        preps = [np.load(work / f"prep_{n}.npz") for n in names]
+        # one pass over the shards' prepare outputs, each file closed after use: tens of thousands
+        # of shards must not mean as many open files or all their class sums in memory at once
+        cos_parts, timg_parts, tcls_parts, sums, cnt = [], [], [], None, None
+        for n in names:
+            with np.load(work / f"prep_{n}.npz") as p:
+                cos_parts.append(p["cos"])
+                if need_cc and vocab:
+                    sums = p["class_sum"] if sums is None else sums + p["class_sum"]
+                    cnt = p["class_count"] if cnt is None else cnt + p["class_count"]
+                    timg_parts.append(p["temp_img"])
+                    tcls_parts.append(p["temp_cls"])
         auto_fit = None
         if threshold == "auto" and "similarity" in detectors:  # fitted in a client thread while the workers go on
             from concurrent.futures import ThreadPoolExecutor
@@ -532,18 +542,17 @@ def scan(
             from .detectors.similarity import auto_threshold
 
             # the same float32 values as 1 - similarity's sampled scores (prepare samples the same rows)
-            cos_sample = 1.0 - (1.0 - np.concatenate([p["cos"] for p in preps]))
+            cos_sample = 1.0 - (1.0 - np.concatenate(cos_parts))
             pool = stack.enter_context(ThreadPoolExecutor(1))
             auto_fit = pool.submit(auto_threshold, cos_sample, seed=seed)
         if need_cc:
-            if not vocab or sum(int(p["class_count"].sum()) for p in preps) == 0:
+            if not vocab or cnt is None or int(cnt.sum()) == 0:
                 det_state.setdefault("skipped", {})["class_consistency"] = (
                     "no caption names a class: give --classes (a vocabulary file, a comma list or 'openclipart')")
             else:
                 from .detectors.class_consistency import EPS, fit_temperature
 
-                sums = np.sum([p["class_sum"] for p in preps], 0).astype(np.float32)
-                cnt = np.sum([p["class_count"] for p in preps], 0)
+                sums = sums.astype(np.float32)
                 present = cnt >= 3
                 norms = np.linalg.norm(sums, axis=1, keepdims=True)
                 protos = np.where(present[:, None], sums / np.maximum(norms, EPS), 0.0).astype(np.float32)
@@ -551,8 +560,8 @@ def scan(
                     det_state.setdefault("skipped", {})["class_consistency"] = \
                         "fewer than 2 classes with 3 or more captions"
                 else:
-                    timg = np.concatenate([p["temp_img"] for p in preps]).astype(np.float32)
-                    tcls = np.concatenate([p["temp_cls"] for p in preps])
+                    timg = np.concatenate(timg_parts).astype(np.float32)
+                    tcls = np.concatenate(tcls_parts)
                     temp = fit_temperature(timg, tcls, protos, present, seed=seed)
                     names_c = list(vocab)
                     st["class_consistency"] = {"prototypes": protos, "present": present, "temperature": temp,
@@ -560,7 +569,7 @@ def scan(
                     det_state["class_consistency"] = {
                         "classes": [c for c, ok in zip(names_c, present) if ok], "temperature": temp,
                         "captions_with_class": float(cnt.sum() / n_total) if n_total else 0.0}
-        del preps
+        del cos_parts, timg_parts, tcls_parts
 
         # ---- indexes: trained once on a sample, filled per shard, merged on disk (IVF)
         state = T.write_state(work / "state_index.pkl", st)
