@@ -72,6 +72,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
+        # no Dask memory manager: it watches RSS, which counts the pages of the memory-mapped
+        # embedding files and inverted lists a worker has read; at 10M pairs it paused a worker at
+        # 9.4 GB RSS (9.0 GB of it file pages the kernel can drop) and the scan waited forever
+        memory_limit=0,
     )
     client = Client(cluster)
     try:

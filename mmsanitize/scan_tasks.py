@@ -28,6 +28,7 @@ from .shards import write_json_atomic
 
 VECTOR_KINDS = ("image", "text", "joint", "union")
 CAPTION_SHARDS = 64  # shards' caption columns a worker keeps in memory (Rows.captions)
+MAPPED_FILES = 128  # embedding files a worker keeps memory-mapped (Rows._array)
 
 
 @dataclass(frozen=True)
@@ -114,13 +115,17 @@ class Rows:
 
     def _array(self, which: str, s: int) -> np.ndarray:
         key = (which, s)
-        if key not in self._mm:
+        arr = self._mm.pop(key, None)
+        if arr is None:
             sh = self.shards[s]
             if which in ("img", "txt"):
-                self._mm[key] = np.load(sh[which], mmap_mode="r")
+                arr = np.load(sh[which], mmap_mode="r")
             else:  # kdist of density's first pass
-                self._mm[key] = np.load(Path(self.st["work"]) / f"kdist_{sh['name']}.npy", mmap_mode="r")
-        return self._mm[key]
+                arr = np.load(Path(self.st["work"]) / f"kdist_{sh['name']}.npy", mmap_mode="r")
+        self._mm[key] = arr  # most recently used last
+        if len(self._mm) > MAPPED_FILES:  # unmapped when dropped: the pages read leave the worker's RSS
+            del self._mm[next(iter(self._mm))]
+        return arr
 
     def shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """(img, txt) float32 of shard `s`."""

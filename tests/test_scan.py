@@ -399,3 +399,22 @@ def test_worker_caption_cache_is_bounded_and_stays_correct(tmp_path, monkeypatch
         got = rows.captions(ids)
         assert list(got) == [f"shard {i // 3} row {i % 3}" for i in ids]
         assert len(rows._caps) <= 2
+
+
+def test_worker_keeps_a_bounded_number_of_embedding_files_mapped(tmp_path, monkeypatch):
+    """Rows maps at most MAPPED_FILES embedding files (a kNN re-rank or the training sample reads
+    rows of every shard: mapped pages count in the worker's RSS) and still reads the right rows."""
+    from mmsanitize import scan_tasks as T
+
+    monkeypatch.setattr(T, "MAPPED_FILES", 3)
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 4)).astype(np.float16)
+    shards = []
+    for s in range(5):
+        np.save(tmp_path / f"img_{s}.npy", vecs[4 * s:4 * s + 4])
+        shards.append({"name": f"{s:05d}", "img": str(tmp_path / f"img_{s}.npy")})
+    rows = T.Rows({"shards": shards, "offsets": np.arange(0, 21, 4), "work": str(tmp_path)})
+    ids = np.array([19, 0, 9, 4, 13, 2, 17, 6])
+    for _ in range(2):
+        assert np.array_equal(rows.take("img", ids), vecs[ids].astype(np.float32))
+        assert len(rows._mm) <= 3
