@@ -336,12 +336,13 @@ def train_index(state: str, kind: str) -> dict:
 
 
 def fill_shard(task: ShardTask) -> dict:
-    """Add the shard's vectors (with global ids) to copies of the trained IVF indexes: `WORK/KIND_NAME.ivf`.
+    """Add the shard's vectors (with global ids) to copies of the trained IVF indexes and keep their
+    inverted lists only: `WORK/KIND_NAME.invlists`.
     For the image index it also keeps each row's `range_nprobe` nearest lists (`WORK/assign_NAME.npy`):
     image_reuse's range search of the same rows then skips its coarse-quantizer search."""
     import faiss
 
-    from .index import ivf_add
+    from .index import ivf_add, write_invlists
 
     st = load_state(task.state)
     faiss.omp_set_num_threads(1)
@@ -353,18 +354,18 @@ def fill_shard(task: ShardTask) -> dict:
         assign = ivf_add(idx, v, gid, st["index"]["range_nprobe"] if keep else 1)
         if keep:
             save_npy(Path(st["work"]) / f"assign_{task.name}.npy", assign)
-        tmp = Path(st["work"]) / f"{kind}_{task.name}.ivf.tmp"
-        faiss.write_index(idx, str(tmp))
-        os.replace(tmp, Path(st["work"]) / f"{kind}_{task.name}.ivf")
+        write_invlists(idx, Path(st["work"]) / f"{kind}_{task.name}.invlists")
     return _mark(st["work"], "fill", task.name, st["params_hash"], count=int(rows.offsets[task.index + 1]
                                                                                - rows.offsets[task.index]))
 
 
 def merge_index(state: str, kind: str, names: list[str]) -> dict:
-    """Merge the shards' IVF parts into `OUT/index/KIND.index` + `KIND.ivfdata` (on-disk inverted
-    lists, as autofaiss does for LAION), then delete the parts."""
+    """Merge the shards' inverted lists into `OUT/index/KIND.index` + `KIND.ivfdata` (on-disk
+    inverted lists, as autofaiss does for LAION). The parts stay until the scan's work folder is
+    removed: a resumed scan merges again."""
     import faiss
-    from faiss.contrib.ondisk import merge_ondisk
+
+    from .index import merge_invlists_ondisk
 
     st = load_state(state)
     d = Path(st["out"]) / "index"
@@ -372,7 +373,8 @@ def merge_index(state: str, kind: str, names: list[str]) -> dict:
     idx = faiss.read_index(str(Path(st["work"]) / f"{kind}.trained"))
     for p in (d / f"{kind}.ivfdata", d / f"{kind}.index"):
         p.unlink(missing_ok=True)
-    merge_ondisk(idx, [str(Path(st["work"]) / f"{kind}_{n}.ivf") for n in names], str(d / f"{kind}.ivfdata"))
+    merge_invlists_ondisk(idx, [str(Path(st["work"]) / f"{kind}_{n}.invlists") for n in names],
+                          str(d / f"{kind}.ivfdata"))
     tmp = d / f"{kind}.index.tmp"
     faiss.write_index(idx, str(tmp))
     os.replace(tmp, d / f"{kind}.index")
