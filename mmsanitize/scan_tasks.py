@@ -8,8 +8,8 @@ killed run redoes only the shards without a marker. Global ids are positions in 
 
 Phases (driven by `scan.scan`): prepare (cosines, class sums, seeded samples), with the IVF
 training tasks running beside it -> [index fill] -> [image_reuse's radius calibration] -> [its
-near-duplicate pairs, IVF: by groups of shards] -> raw detector scores -> [density's second pass] -> final (combined score, flags, reasons,
-`scores_NAME.parquet`) -> [manifest metrics].
+near-duplicate pairs, IVF: by groups of shards] -> raw detector scores -> [density's second
+pass] -> final (combined score, flags, reasons, `scores_NAME.parquet`) -> [manifest metrics].
 """
 
 from __future__ import annotations
@@ -159,13 +159,12 @@ class Rows:
 
     def captions(self, ids: np.ndarray) -> np.ndarray:
         """Captions of rows `ids` (global), from the catalog parts."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         ids = np.asarray(ids, np.int64)
         s_of = np.searchsorted(self.offsets, ids, side="right") - 1
         out = np.empty(len(ids), dtype=object)
-        import pyarrow as pa
-
         for s in np.unique(s_of):
             caps = self._caps.pop(s, None)
             if caps is None:  # kept as arrow strings (~40 B a caption, not a Python object each)
@@ -443,7 +442,8 @@ def near_group(task: ShardTask) -> dict:
     q, ids = q[keep], ids[keep]
     cuts = np.searchsorted(q, rows.offsets[a:b + 1])
     for j, s in enumerate(range(a, b)):
-        save_npy(work / f"near_{rows.shards[s]['name']}.npy", np.stack([q[cuts[j]:cuts[j + 1]], ids[cuts[j]:cuts[j + 1]]]))
+        part = slice(cuts[j], cuts[j + 1])
+        save_npy(work / f"near_{rows.shards[s]['name']}.npy", np.stack([q[part], ids[part]]))
     return _mark(st["work"], "near", task.name, st["params_hash"], count=int(rows.offsets[b] - rows.offsets[a]))
 
 
