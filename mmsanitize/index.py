@@ -378,19 +378,49 @@ def load_index(path: str | os.PathLike, nprobe: int | None = None) -> Index:
 
 
 def train_ivf(sample: np.ndarray, *, nlist: int, codec: str = "SQ8", seed: int = 0):
-    """A faiss `IVF{nlist},{codec}` inner-product index trained on `sample`: seeded k-means (10
-    iterations) on one thread. Its centroids depend on the thread count (BLAS partitions the
-    products differently; measured), so scan trains single-threaded and beside other work rather
-    than with more threads: 1- and 2-worker scans then write the same outputs."""
+    """A faiss `IVF{nlist},{codec}` inner-product index trained on `sample` on one thread: its
+    centroids by seeded two-level spherical k-means (`two_level_centroids`), then the codec.
+    Centroids depend on the thread count (BLAS partitions the products differently; measured), so
+    scan trains single-threaded and beside other work rather than with more threads: 1- and
+    2-worker scans then write the same outputs."""
     import faiss
 
     faiss.omp_set_num_threads(1)
-    idx = faiss.index_factory(sample.shape[1], f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
+    x = np.ascontiguousarray(_as_f32(sample))
+    idx = faiss.index_factory(x.shape[1], f"IVF{nlist},{codec}", faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(idx)
-    ivf.cp.seed = seed
-    ivf.cp.niter = 10
-    idx.train(_as_f32(sample))
+    ivf.quantizer.add(two_level_centroids(x, nlist, seed=seed))
+    idx.train(x)  # the quantizer holds nlist centroids, so this trains only the codec (on residuals)
     return idx
+
+
+def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0, niter: int = 10) -> np.ndarray:
+    """`nlist` spherical k-means centroids of `x` found in two levels, as faiss'
+    `contrib.clustering.two_level_clustering` does: ~√nlist coarse clusters, then each split into
+    a share of the `nlist` proportional to its points. Costs ~N·2√nlist products per iteration
+    instead of N·nlist (at 10M pairs, 12,649 lists: ~20 s instead of ~330 s of one thread)."""
+    import faiss
+
+    n, d = x.shape
+    opts = dict(niter=niter, spherical=True, min_points_per_centroid=1, verbose=False)
+    nc1 = max(1, min(n, int(round(math.sqrt(nlist)))))
+    top = faiss.Kmeans(d, nc1, seed=seed, **opts)
+    top.train(x)
+    _, a1 = top.index.search(x, 1)
+    a1 = a1.ravel()
+    counts = np.bincount(a1, minlength=nc1)
+    share = np.diff(np.r_[0, np.cumsum(counts) * nlist // n])  # sums to nlist; never above a cluster's points
+    order = np.argsort(a1, kind="stable")
+    starts = np.r_[0, np.cumsum(counts)]
+    parts = []
+    for c in range(nc1):
+        if share[c] == 0:
+            continue
+        sub = x[order[starts[c]:starts[c + 1]]]
+        km = faiss.Kmeans(d, int(share[c]), seed=seed + 1 + c, **opts)
+        km.train(sub)
+        parts.append(km.centroids)
+    return np.ascontiguousarray(np.vstack(parts), np.float32)
 
 
 def write_invlists(index, path: str | os.PathLike) -> None:

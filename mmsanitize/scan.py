@@ -495,7 +495,7 @@ def scan(
 
         has_url = any("url" in pq.read_schema(f[2]).names for f in files)
         need_cc = "class_consistency" in detectors
-        dups, labels = _catalog_groups(names, catalog_parts, offsets, client, labels=need_cc and classes == "auto")
+        dups, labels = _catalog_groups(names, catalog_parts, offsets, client, need_cc and classes == "auto", work)
         vocab = class_vocabulary(classes, labels) if need_cc else {}
         kind = choose_kind(n_total, index_kind)
         kinds = ["image"] + (["text"] if "caption_neighbours" in detectors else []) \
@@ -702,43 +702,45 @@ def _read_manifest(manifest) -> np.ndarray:
     return np.unique(keys.astype(str)).astype(object)
 
 
-def _read_catalog_part(arg):
+def _catalog_groups(names, parts, offsets, client, labels: bool, work: Path):
+    """Duplicate keys and image hashes over the catalog parts (`dup_groups`: per part, then per
+    hash bucket, on the workers): a key in two shards raises ShardError; returns the rows whose
+    image hash appears more than once as a (gid, group) structured array (groups numbered in digest
+    order, rows by gid within one), and the label names (when `labels`)."""
     import pyarrow.parquet as pq
 
-    path, name, offset, labels = arg
-    df = pq.read_table(path, columns=["key", "sha256"] + (["label"] if labels else [])).to_pandas()
-    df["gid"] = np.arange(offset, offset + len(df), dtype=np.int64)
-    df["shard"] = f"{name}.tar"
-    return df
+    from . import dup_groups as G
+    from .engine import map_shards
 
-
-def _catalog_groups(names, parts, offsets, client, labels: bool):
-    """Distributed group-bys over the catalog parts (dask.dataframe): a key in two shards raises
-    ShardError; returns the rows whose image hash appears more than once as a (gid, group)
-    structured array, and the label names (when `labels`)."""
-    import dask
-    import dask.dataframe as dd
-
-    with dask.config.set(scheduler=client):
-        meta = _read_catalog_part((parts[0], names[0], 0, labels)).iloc[:0]
-        ddf = dd.from_map(_read_catalog_part, [(p, n, int(o), labels) for p, n, o in zip(parts, names, offsets)],
-                          meta=meta)
-        kc = ddf.groupby("key").size()
-        hc = ddf.groupby("sha256").size()
-        multi = hc[hc > 1].rename("copies").reset_index()
-        todo = [kc[kc > 1].index.min(), (kc > 1).sum(), ddf.merge(multi, on="sha256")[["sha256", "gid"]]]
-        if labels:
-            todo.append(ddf["label"].dropna().unique())
-        res = dask.compute(*todo)
-        first_dup, n_dup, rows = res[0], int(res[1]), res[2]
-        if n_dup:
-            shards_with = sorted(ddf[ddf["key"] == first_dup]["shard"].compute())
-            raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first_dup)
-    rows = rows.sort_values(["sha256", "gid"], kind="stable")
-    dups = np.zeros(len(rows), dtype=[("gid", "i8"), ("group", "i8")])
-    dups["gid"] = rows["gid"].to_numpy()
-    dups["group"] = rows["sha256"].factorize()[0] if len(rows) else []
-    names_ = sorted(str(x) for x in res[3]) if labels else None
+    gdir = work / "dups"
+    gdir.mkdir(exist_ok=True)
+    ptasks = [G.PartTask(n, str(p), int(o), str(gdir), labels) for n, p, o in zip(names, parts, offsets)]
+    pres = map_shards(G.part_arrays, ptasks, client=client, desc="scan: duplicate groups, parts")
+    b = G.n_buckets(int(offsets[-1]))
+    btasks = [G.BucketTask(f"bucket {i + 1} of {b}", i, b, tuple(names), str(gdir)) for i in range(b)]
+    bres = map_shards(G.bucket_repeats, btasks, client=client, desc="scan: duplicate groups, buckets")
+    found = [bres.results[t.name] for t in btasks]
+    cand = np.sort(np.concatenate([f["key_gids"] for f in found]))
+    if len(cand):  # key hashes only nominate: compare the candidates' keys themselves
+        part_of = np.searchsorted(offsets, cand, side="right") - 1
+        rows = []
+        for i in np.unique(part_of):
+            keys = pq.read_table(parts[i], columns=["key"]).column(0).to_numpy(zero_copy_only=False)
+            rows += [(str(keys[g - offsets[i]]), f"{names[i]}.tar") for g in cand[part_of == i]]
+        counts: dict = {}
+        for k, _ in rows:
+            counts[k] = counts.get(k, 0) + 1
+        repeated = [k for k, c in counts.items() if c > 1]
+        if repeated:
+            first = min(repeated)
+            shards_with = sorted(sh for k, sh in rows if k == first)
+            raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first)
+    sha = np.concatenate([f["sha"] for f in found])
+    dups = np.zeros(len(sha), dtype=[("gid", "i8"), ("group", "i8")])
+    dups["gid"] = sha["gid"]
+    if len(sha):
+        dups["group"] = np.cumsum(np.r_[False, sha["d"][1:] != sha["d"][:-1]])
+    names_ = sorted({x for n in names for x in pres.results[n]["labels"]}) if labels else None
     return dups, names_
 
 

@@ -352,3 +352,75 @@ def test_bad_embeddings_with_ivf_give_one_line_while_the_index_trains(tmp_path):
     assert len(lines) == 1 and "00002.tar" in lines[0] and "53 image rows" in lines[0], r.stderr
     assert "distributed" not in r.stderr and "Traceback" not in r.stderr
 
+
+
+def _catalog_parts(tmp_path: Path, rows_per_part: list[int], seed: int = 0):
+    """Catalog-like parquet parts (key, sha256, label) with repeated hashes within and across parts,
+    nulls and a non-hex hash; returns (names, paths, offsets, the whole table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    pool = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)]
+    names, paths, frames = [], [], []
+    for p, n in enumerate(rows_per_part):
+        sha = [pool[i] if rng.random() < 0.4 else hashlib.sha256(f"u{p}-{j}".encode()).hexdigest()
+               for j, i in enumerate(rng.integers(0, len(pool), n))]
+        sha[0] = None
+        if p == 1:
+            sha[1] = sha[2] = "not-a-hex-digest"
+        df = pd.DataFrame({"key": [f"{p:05d}{j:04d}" for j in range(n)], "sha256": sha,
+                           "label": [None if j % 7 == 0 else f"c{j % 3}" for j in range(n)]})
+        names.append(f"{p:05d}")
+        paths.append(str(tmp_path / f"{p:05d}.parquet"))
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), paths[-1])
+        frames.append(df)
+    offsets = np.r_[0, np.cumsum(rows_per_part)].astype(np.int64)
+    return names, paths, offsets, pd.concat(frames, ignore_index=True)
+
+
+def test_duplicate_image_groups_match_a_group_by_over_the_whole_table(tmp_path, dask_address, monkeypatch):
+    """The bucketed shuffle (many buckets forced) gives exactly the group-by's rows and groups:
+    hashes seen more than once, by hash then gid, nulls dropped; and the distinct labels."""
+    from distributed import Client
+
+    from mmsanitize import dup_groups
+    from mmsanitize.scan import _catalog_groups
+
+    names, paths, offsets, table = _catalog_parts(tmp_path, [400, 250, 1, 380])
+    table["gid"] = np.arange(len(table))
+    valid = table.dropna(subset=["sha256"])
+    multi = valid[valid.groupby("sha256")["sha256"].transform("size") > 1].sort_values(["sha256", "gid"])
+    assert multi["sha256"].nunique() > 50 and (multi["sha256"] == "not-a-hex-digest").sum() == 2
+    for rows in (10**9, 97):  # one bucket; then 11 buckets (cut inside runs of one part)
+        monkeypatch.setattr(dup_groups, "BUCKET_ROWS", rows)
+        work = tmp_path / f"w{rows}"
+        work.mkdir()
+        with Client(dask_address) as client:
+            dups, labels = _catalog_groups(names, paths, offsets, client, True, work)
+        by_hex = multi[multi["sha256"] != "not-a-hex-digest"]
+        mine = pd.DataFrame({"gid": dups["gid"], "group": dups["group"]})
+        hexed = mine[~mine["gid"].isin(multi.loc[multi["sha256"] == "not-a-hex-digest", "gid"])]
+        assert hexed["gid"].tolist() == by_hex["gid"].tolist()
+        assert (hexed["group"].diff().fillna(1) > 0).tolist() == \
+            (by_hex["sha256"] != by_hex["sha256"].shift()).tolist()
+        assert len(dups) == len(multi) and mine["group"].max() == multi["sha256"].nunique() - 1
+        assert labels == ["c0", "c1", "c2"]
+
+
+def test_a_key_in_two_catalog_parts_is_one_line_naming_both_shards(tmp_path, dask_address):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from distributed import Client
+
+    from mmsanitize.errors import ShardError
+    from mmsanitize.scan import _catalog_groups
+
+    names, paths, offsets, _ = _catalog_parts(tmp_path, [50, 60, 70])
+    t = pq.read_table(paths[2]).to_pandas()
+    t.loc[33, "key"] = "000010007"  # part 00001's row 7
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False), paths[2])
+    with Client(dask_address) as client, pytest.raises(ShardError) as err:
+        _catalog_groups(names, paths, offsets, client, False, tmp_path)
+    assert "00002.tar" in str(err.value) and "duplicate key across shards (00001.tar, 00002.tar)" in str(err.value)
+    assert "000010007" in str(err.value)
