@@ -789,7 +789,7 @@ def _detection(st, names, work, final, client, phase) -> dict:
     for n in names:
         z = np.load(work / f"auc_{n}.npz")
         for d in cols:
-            lt[d] += float(z[f"lt_{d}"].sum()) + 0.5 * float(z[f"eq_{d}"].sum())
+            lt[d] += float(z[f"lt_{d}"]) + 0.5 * float(z[f"eq_{d}"])
     out = {"poisoned": n_pos, "poisoned_in_manifest": P}
     flagged_by = {k_: sum(final.results[n]["flagged_by"].get(k_, 0) for n in names) for k_ in cols}
     tp_by = {k_: sum(final.results[n].get("tp_by", {}).get(k_, 0) for n in names) for k_ in cols}

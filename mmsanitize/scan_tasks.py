@@ -661,8 +661,10 @@ def final_shard(task: ShardTask) -> dict:
 
 
 def auc_shard(task: ShardTask) -> dict:
-    """For the manifest's AUROC: per detector, how many of the shard's clean rows score below / equal
-    to each (sorted) poisoned score; writes `auc_NAME.npz` + marker."""
+    """For the manifest's AUROC: per detector, how many (clean row, poisoned row) pairs have the
+    clean row scoring below / equal to the poisoned one, counted over the shard's clean rows and
+    all poisoned scores; writes `auc_NAME.npz` (two integers per detector: per-poison counts
+    took 6.4 MB per shard at 10M pairs with 100,000 poisons, and filled the disk) + marker."""
     import pyarrow.parquet as pq
 
     st = load_state(task.state)
@@ -675,6 +677,6 @@ def auc_shard(task: ShardTask) -> dict:
         neg = np.sort(table.column(d).to_numpy()[~truth].astype(np.float64))
         pos = st["positives"][d]
         lo, hi = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
-        out[f"lt_{d}"], out[f"eq_{d}"] = lo, hi - lo
+        out[f"lt_{d}"], out[f"eq_{d}"] = lo.sum(dtype=np.int64), (hi - lo).sum(dtype=np.int64)
     save_npz(Path(st["work"]) / f"auc_{task.name}.npz", **out)
     return _mark(st["work"], "auc", task.name, st["params_hash"], count=int(len(truth)))

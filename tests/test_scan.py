@@ -316,6 +316,10 @@ def test_attack_one_image_reuse_found_with_manifest_metrics(tmp_path, dask_addre
     det = json.loads((out / "summary.json").read_text())["detection"]
     assert det["poisoned"] == len(keys)
     assert det["image_reuse"]["recall"] == 1.0 and det["image_reuse"]["auroc"] > 0.95
+    # the per-shard pair counts give sklearn's AUROC over the whole scores.parquet
+    truth = df["key"].isin(keys).to_numpy()
+    assert abs(det["image_reuse"]["auroc"] - _auroc(df["image_reuse"].to_numpy(), truth)) < 1e-12
+    assert abs(det["combined"]["auroc"] - _auroc(df["combined"].to_numpy(), truth)) < 1e-12
     assert {"auroc", "precision_at_k", "precision", "recall"} <= set(det["combined"])
 
     # with similarity too, the pair whose caption fits the shared image (the original) is spared:
