@@ -11,11 +11,12 @@ strings, so a 64-bit collision never raises a false "duplicate key". Digests are
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .scan_tasks import save_npy
 
 KEY_DTYPE = np.dtype([("h", "<u8"), ("gid", "<i8")])
 SHA_DTYPE = np.dtype([("d", "S32"), ("gid", "<i8")])
@@ -67,13 +68,6 @@ def _digests(values) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def _save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
 def part_arrays(task: PartTask) -> dict:
     """Write `keys_NAME.npy` (key hash, gid; by hash) and `sha_NAME.npy` (digest, gid; by digest,
     gid) for one catalog part; return its row count and (with `labels`) its distinct labels."""
@@ -93,8 +87,8 @@ def part_arrays(task: PartTask) -> dict:
     sha["d"], sha["gid"] = digests[ok], gid[ok]
     sha.sort(order=["d", "gid"], kind="stable")
     work = Path(task.work)
-    _save(work / f"keys_{task.name}.npy", keys)
-    _save(work / f"sha_{task.name}.npy", sha)
+    save_npy(work / f"keys_{task.name}.npy", keys)
+    save_npy(work / f"sha_{task.name}.npy", sha)
     labels = []
     if task.labels:
         labels = sorted({str(x) for x in table.column("label").drop_null().to_pylist()})

@@ -402,8 +402,8 @@ def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0, niter: int 
     import faiss
 
     n, d = x.shape
-    opts = dict(niter=niter, spherical=True, min_points_per_centroid=1, verbose=False)
-    nc1 = max(1, min(n, int(round(math.sqrt(nlist)))))
+    opts = {"niter": niter, "spherical": True, "min_points_per_centroid": 1, "verbose": False}
+    nc1 = max(1, min(n, round(math.sqrt(nlist))))
     top = faiss.Kmeans(d, nc1, seed=seed, **opts)
     top.train(x)
     _, a1 = top.index.search(x, 1)
