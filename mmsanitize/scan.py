@@ -707,6 +707,8 @@ def _catalog_groups(names, parts, offsets, client, labels: bool, work: Path):
     hash bucket, on the workers): a key in two shards raises ShardError; returns the rows whose
     image hash appears more than once as a (gid, group) structured array (groups numbered in digest
     order, rows by gid within one), and the label names (when `labels`)."""
+    from collections import Counter
+
     import pyarrow.parquet as pq
 
     from . import dup_groups as G
@@ -727,10 +729,7 @@ def _catalog_groups(names, parts, offsets, client, labels: bool, work: Path):
         for i in np.unique(part_of):
             keys = pq.read_table(parts[i], columns=["key"]).column(0).to_numpy(zero_copy_only=False)
             rows += [(str(keys[g - offsets[i]]), f"{names[i]}.tar") for g in cand[part_of == i]]
-        counts: dict = {}
-        for k, _ in rows:
-            counts[k] = counts.get(k, 0) + 1
-        repeated = [k for k, c in counts.items() if c > 1]
+        repeated = [k for k, c in Counter(k for k, _ in rows).items() if c > 1]
         if repeated:
             first = min(repeated)
             shards_with = sorted(sh for k, sh in rows if k == first)
