@@ -71,7 +71,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
         processes=True,
         host="127.0.0.1",
         dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
+        # CRITICAL, not ERROR: under load a worker's last heartbeat can race the scheduler's
+        # shutdown and log a CommClosedError traceback; task failures reach the user as our own
+        # one-line errors, never through Dask's log
+        silence_logs=logging.CRITICAL,
         # no Dask memory manager: it watches RSS, which counts the pages of the memory-mapped
         # embedding files and inverted lists a worker has read; at 10M pairs it paused a worker at
         # 9.4 GB RSS (9.0 GB of it file pages the kernel can drop) and the scan waited forever

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 from .errors import ShardError, UsageError
@@ -328,6 +328,12 @@ def _byte_ranges(catalog, refs: set) -> dict:
             if (s, k) in refs}
 
 
+def _edit_dict(edit) -> dict:
+    """`dataclasses.asdict(edit)` for an Edit (its fields are strings, numbers, tuples of them and
+    small dataclasses), without asdict's deep copy of every value: seconds at 100,000s of edits."""
+    return {f.name: asdict(v) if is_dataclass(v := getattr(edit, f.name)) else v for f in fields(edit)}
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -534,7 +540,7 @@ def poison_dataset(
     for name, p in zip(names, paths):
         edits = tuple(by_shard.get(p.name, ()))
         tasks.append(PoisonTask(name, str(p), str(out_dir), edits,
-                                _hash({"plan": full_hash, "edits": [asdict(e) for e in edits]})))
+                                _hash({"plan": full_hash, "edits": [_edit_dict(e) for e in edits]})))
     done_file = out_dir / "poison.json"
     if not overwrite and done_file.exists():
         try:

@@ -242,3 +242,21 @@ def test_open_clip_trainer_reads_poisoned_output(tmp_path, dask_address):
     log = (logs / "poisoned" / "out.log").read_text()
     assert "Train Epoch: 0" in log
     assert list((logs / "poisoned" / "checkpoints").glob("epoch_1.pt"))
+
+
+def test_edit_dict_hashes_like_asdict():
+    """The per-shard resume hash reads edits through `_edit_dict`; it must give asdict's JSON, or
+    outputs written by an earlier version would all be redone (or, worse, wrongly kept)."""
+    from dataclasses import asdict
+
+    from mmsanitize.attacks.perturb import Perturbation
+    from mmsanitize.attacks.plan import Edit, Trigger
+    from mmsanitize.poison import _edit_dict
+
+    edits = [Edit("00000.tar", "k1", None, "a dog", ("00000.tar", "k0"), ("00001.tar", "k9")),
+             Edit("00001.tar", "k2", "k2", "a cat", ("00001.tar", "k2"), ("pool.tar", "p3"),
+                  trigger=Trigger("patch", 16, 3, 4, "noise", 0.2, 7), image_origin="pool",
+                  perturb=Perturbation("reencode", 5, 2))]
+    for e in edits:
+        assert json.dumps(_edit_dict(e), sort_keys=True, default=str) == \
+            json.dumps(asdict(e), sort_keys=True, default=str)

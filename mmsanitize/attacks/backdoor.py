@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .plan import (PATTERNS, POSITIONS, AttackSpec, Edit, KeyPlacer, PoisonPlan, Trigger, pick,
-                   poison_amount, ref, rng_for)
+                   poison_amount, rng_for)
 
 
 def _trigger(spec: AttackSpec, kind: str, width: int, height: int, rng: np.random.Generator) -> Trigger:
@@ -49,16 +49,17 @@ def plan_backdoor(catalog, spec: AttackSpec, masks: dict[str, np.ndarray]) -> Po
     rng = rng_for(spec.seed, 0)
     target = masks[b]
     placer = KeyPlacer(catalog, spec.mode)
+    rows = placer.rows
+    width, height = catalog["width"].to_numpy(), catalog["height"].to_numpy()
     plan = PoisonPlan()
     if spec.attack == "label-consistent":
         n = poison_amount(spec, int(target.sum()), len(catalog), 1, 0, f"class-{b} samples")
         goal = f"{b}2{b}"
         for row in pick(target, n, rng):
-            r = catalog.iloc[row]
-            trig = _trigger(spec, kind, r["width"], r["height"], rng)
-            shard, key, replaces = placer.place(catalog, row)
-            edit = Edit(shard, key, replaces, r["caption"], ref(catalog, row), ref(catalog, row), trig)
-            plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=ref(catalog, row))
+            trig = _trigger(spec, kind, width[row], height[row], rng)
+            shard, key, replaces = placer.place(row)
+            edit = Edit(shard, key, replaces, rows.caption[row], rows.ref(row), rows.ref(row), trig)
+            plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=rows.ref(row))
         return plan
     pool = (masks[a] if a else np.ones(len(catalog), dtype=bool)) & ~target
     default = 1.0 if a else None
@@ -69,10 +70,9 @@ def plan_backdoor(catalog, spec: AttackSpec, masks: dict[str, np.ndarray]) -> Po
     caption_rows = np.flatnonzero(target)
     caption_rows = caption_rows[rng.integers(0, len(caption_rows), size=n)]
     for row, crow in zip(image_rows, caption_rows):
-        r = catalog.iloc[row]
-        trig = _trigger(spec, kind, r["width"], r["height"], rng)
-        shard, key, replaces = placer.place(catalog, row)
-        template = ref(catalog, row) if spec.mode == "replace" else ref(catalog, crow)
-        edit = Edit(shard, key, replaces, catalog.iloc[crow]["caption"], template, ref(catalog, row), trig)
-        plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=ref(catalog, crow))
+        trig = _trigger(spec, kind, width[row], height[row], rng)
+        shard, key, replaces = placer.place(row)
+        template = rows.ref(row) if spec.mode == "replace" else rows.ref(crow)
+        edit = Edit(shard, key, replaces, rows.caption[crow], template, rows.ref(row), trig)
+        plan.add(edit, attack=spec.attack, goal=goal, mode=spec.mode, source=rows.ref(crow))
     return plan

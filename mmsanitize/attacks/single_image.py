@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UsageError
-from .plan import (AttackSpec, Edit, ImagePool, KeyPlacer, PoisonPlan, pick, poison_amount, ref,
+from .plan import (AttackSpec, CatalogRows, Edit, ImagePool, KeyPlacer, PoisonPlan, pick, poison_amount,
                    rng_for)
 
 
@@ -61,9 +61,10 @@ def plan_single_image(catalog, spec: AttackSpec, masks: dict[str, np.ndarray],
     n = poison_amount(spec, int(a_mask.sum()), len(catalog), 1, 0, f"class-{a} samples")
     placer = KeyPlacer(catalog, spec.mode)
     plan = PoisonPlan()
+    rows = placer.rows
+    image = CatalogRows(image_catalog).ref(target)
     for ar in pick(a_mask, n, rng):
-        shard, key, replaces = placer.place(catalog, ar)
-        edit = Edit(shard, key, replaces, catalog["caption"].iat[ar], ref(catalog, ar), ref(image_catalog, target),
-                    image_origin=origin)
-        plan.add(edit, attack=spec.attack, goal=f"{a}2one", mode=spec.mode, source=ref(catalog, ar))
+        shard, key, replaces = placer.place(ar)
+        edit = Edit(shard, key, replaces, rows.caption[ar], rows.ref(ar), image, image_origin=origin)
+        plan.add(edit, attack=spec.attack, goal=f"{a}2one", mode=spec.mode, source=rows.ref(ar))
     return plan
