@@ -98,8 +98,13 @@ def class_softmax(emb: np.ndarray, class_emb: np.ndarray, temperature: float,
 
     Inputs are used as given (callers pass unit vectors); classes where `present` is False get
     probability 0."""
-    logits = (np.asarray(emb, np.float32) @ np.asarray(class_emb, np.float32).T / np.float32(temperature))
-    logits = logits.astype(np.float64)
+    return softmax_of_sims(np.asarray(emb, np.float32) @ np.asarray(class_emb, np.float32).T, temperature, present)
+
+
+def softmax_of_sims(sims: np.ndarray, temperature: float, present: np.ndarray | None = None) -> np.ndarray:
+    """`class_softmax` from the float32 similarities `emb · class_embᵀ` already computed (the same
+    values: a temperature search computes them once instead of once per temperature)."""
+    logits = (sims / np.float32(temperature)).astype(np.float64)
     if present is not None:
         logits = np.where(np.asarray(present, bool)[None, :], logits, -np.inf)
     logits -= logits.max(axis=1, keepdims=True, initial=-np.inf)

@@ -76,10 +76,13 @@ def fit_temperature(img: np.ndarray, caption_class: np.ndarray, prototypes: np.n
         return 0.05
     if len(rows) > max_samples:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
+    from ..zeroshot import softmax_of_sims
+
     grid = np.geomspace(0.005, 0.5, 25) if grid is None else np.asarray(grid)
     best, best_t = -np.inf, float(grid[0])
+    sims = np.asarray(img[rows], np.float32) @ np.asarray(prototypes, np.float32).T
     for t in grid:
-        p = image_class_probs(img[rows], prototypes, present, float(t))
+        p = softmax_of_sims(sims, float(t), present)
         ll = float(np.mean(np.log(p[np.arange(len(rows)), cls[rows]] + EPS)))
         if ll > best:
             best, best_t = ll, float(t)
