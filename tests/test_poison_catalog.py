@@ -169,3 +169,18 @@ def test_poison_reads_the_catalogued_byte_range_or_names_the_sample(tmp_path):
     with pytest.raises(ShardError) as e:  # a range that holds another sample (the shard changed)
         read_ranges(str(data / "00000.tar"), [want["key"].iloc[0]], [(want["offset"].iloc[1], want["end"].iloc[1])])
     assert "00000.tar" in str(e.value) and want["key"].iloc[0] in str(e.value)
+
+
+def test_read_catalog_column_by_column_equals_one_conversion(tmp_path, dask_address):
+    """read_catalog converts one column at a time (and skips de-duplication for unique columns):
+    the same frame, dtypes and values as converting the joined Arrow table at once, including a
+    part whose label column is all None."""
+    import pandas as pd
+
+    data = make_mixed_dataset(tmp_path / "data")
+    parts = catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=tmp_path / "cache")
+    for columns in (None, ["key", "shard", "caption", "label", "offset", "end"], ["label", "width"]):
+        got = catalog_mod.read_catalog(parts, columns)
+        want = catalog_mod._read_table(parts.paths, columns).to_pandas()
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+        assert got["label"].isna().sum() == 10 and got["label"].notna().sum() == 30
