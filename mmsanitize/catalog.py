@@ -135,15 +135,19 @@ def catalog_parts(
     run = map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
                      retries=retries, desc="catalog")
     parts = tuple(part_dir / f"{t.name}.parquet" for t in tasks)
-    keys = _read_table(parts, ["key"]).column("key")
-    if len(pc.unique(keys)) != len(keys):
-        df = read_catalog(parts, ["key", "shard"])
-        first = df[df["key"].duplicated(keep=False)].iloc[0]
-        shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
-        raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})", key=first["key"])
+    inputs = tuple(run.results[t.name]["input"]["sha256"] for t in tasks)
+    checked = part_dir / "unique_keys.json"  # the check passed for exactly these shard contents
+    if _saved_inputs(checked) != list(inputs):
+        keys = _read_table(parts, ["key"]).column("key")
+        if len(pc.unique(keys)) != len(keys):
+            df = read_catalog(parts, ["key", "shard"])
+            first = df[df["key"].duplicated(keep=False)].iloc[0]
+            shards_with = sorted(df.loc[df["key"] == first["key"], "shard"])
+            raise ShardError(shards_with[-1], f"duplicate key across shards ({', '.join(shards_with)})",
+                             key=first["key"])
+        write_json_atomic(checked, {"inputs": list(inputs)})
     joined = part_dir / "catalog.parquet"
-    built = CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined,
-                         tuple(run.results[t.name]["input"]["sha256"] for t in tasks))
+    built = CatalogParts(parts, int(sum(run.results[t.name]["count"] for t in tasks)), joined, inputs)
     if not joined.exists() or joined.stat().st_mtime_ns < max(p.stat().st_mtime_ns for p in parts):
         _write_joined(built)
     return built
@@ -205,6 +209,14 @@ class _ContentHash:
         return h.hexdigest()[:16]
 
 
+def _saved_inputs(path: Path) -> list | None:
+    """The `inputs` list saved in a catalog marker file (`content_hash.json`, `unique_keys.json`), or None."""
+    try:
+        return json.loads(path.read_text())["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _save_content_hash(parts: CatalogParts, value: str) -> None:
     write_json_atomic(parts.joined.with_name("content_hash.json"), {"inputs": list(parts.inputs), "hash": value})
 
@@ -215,12 +227,12 @@ def content_hash(parts: CatalogParts) -> str:
     every shard's content is the one its part was built from; else computed part by part."""
     import pyarrow.parquet as pq
 
-    try:
-        saved = json.loads(parts.joined.with_name("content_hash.json").read_text())
-        if saved["inputs"] == list(parts.inputs):
-            return saved["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    saved = parts.joined.with_name("content_hash.json")
+    if _saved_inputs(saved) == list(parts.inputs):
+        try:
+            return json.loads(saved.read_text())["hash"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     digest = _ContentHash()
     for p in parts.paths:
         digest.update(pq.read_table(p, columns=HASH_COLUMNS))

@@ -184,3 +184,25 @@ def test_read_catalog_column_by_column_equals_one_conversion(tmp_path, dask_addr
         want = catalog_mod._read_table(parts.paths, columns).to_pandas()
         pd.testing.assert_frame_equal(got, want, check_exact=True)
         assert got["label"].isna().sum() == 10 and got["label"].notna().sum() == 30
+
+
+def test_unique_key_check_is_saved_for_the_shard_contents(tmp_path, dask_address, spy_reads):
+    """The duplicate-key check reads the key column once per set of shard contents: a rerun on the
+    same shards skips it, and a shard whose content changes is checked again (and refused here)."""
+    from mmsanitize.errors import ShardError
+    from mmsanitize.shards import iter_samples
+
+    data = make_rich_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
+    assert any(cols == ["key"] for _, cols, _ in spy_reads)
+    spy_reads.clear()
+    catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
+    assert not any(cols == ["key"] for _, cols, _ in spy_reads)
+    samples = list(iter_samples(data / "00002.tar"))
+    samples[0] = Sample("000010000", samples[0].image, samples[0].image_ext, samples[0].caption, samples[0].meta)
+    with ShardWriter(data, "00002") as w:  # its first key is now one of shard 00001's
+        for s in samples:
+            w.write(s)
+    with pytest.raises(ShardError, match="duplicate key across shards"):
+        catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
