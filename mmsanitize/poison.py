@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 from .errors import ShardError, UsageError
@@ -39,20 +39,9 @@ class PoisonTask:
     out_dir: str
     edits: tuple
     spec_hash: str
-    sources: dict = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True)
-class ExtractTask:
-    """Read samples `keys` (image sources and json templates) out of shard `path`, a shard of the
-    input dataset (`origin` "dataset") or of the image pool (`origin` "pool"); `ranges` holds each
-    key's (offset, end) byte range from the catalog."""
-
-    name: str
-    path: str
-    keys: tuple
-    origin: str = "dataset"
-    ranges: tuple = ()
+    # (origin, shard path, key, offset, end) of every sample the edits take an image or a json
+    # from: read by the task itself, so no sample's bytes pass through the client
+    reads: tuple = ()
 
 
 def image_ref(edit) -> tuple[str, str, str]:
@@ -173,17 +162,22 @@ def rewrite_meta(template: dict | None, image_meta: dict | None, *, key: str, ca
     return meta
 
 
-def extract_samples(task: ExtractTask) -> dict:
-    """Dask task: the samples a poison plan needs from one dataset or pool shard, each read at its
-    catalogued byte range; keyed (origin, shard file name, key)."""
-    samples = read_ranges(task.path, task.keys, task.ranges)
-    return {"count": len(samples),
-            "samples": {(task.origin, Path(task.path).name, k): s for k, s in samples.items()}}
+def read_sources(reads) -> dict:
+    """The samples named by a PoisonTask's `reads`, keyed (origin, shard file name, key): one
+    `read_ranges` per source shard."""
+    by_path: dict = {}
+    for origin, path, key, start, end in reads:
+        by_path.setdefault((origin, path), []).append((key, (start, end)))
+    samples = {}
+    for (origin, path), items in by_path.items():
+        got = read_ranges(path, [k for k, _ in items], [r for _, r in items])
+        samples.update({(origin, Path(path).name, k): s for k, s in got.items()})
+    return samples
 
 
 def poison_shard(task: PoisonTask) -> dict:
-    """Dask task: build the shard's poisoned samples (from `task.sources`, read by
-    `extract_samples`), splice them into a copy of the shard.
+    """Dask task: read the samples the shard's edits take images and json from (`task.reads`, at
+    their catalogued byte ranges), build the poisoned samples, splice them into a copy of the shard.
 
     A trigger is stamped (backdoors) or the per-copy perturbation applied (`--perturb`) here.
     Writes `_poison_parts/NAME.json` (key -> sha256 of the stored image) before the shard's stats.
@@ -193,7 +187,7 @@ def poison_shard(task: PoisonTask) -> dict:
     from .shards import (Sample, file_fingerprint, image_size, rewrite_shard, sha256,
                          write_json_atomic)
 
-    samples = task.sources
+    samples = read_sources(task.reads)
     replace, append, hashes = {}, [], {}
     for e in task.edits:
         src = samples[image_ref(e)]
@@ -445,7 +439,7 @@ def poison_dataset(
     from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
     from .catalog import catalog_parts, content_hash, read_catalog
-    from .engine import dask_client, map_shards
+    from .engine import map_shards
     from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
 
     if attack not in ATTACKS:
@@ -558,26 +552,15 @@ def poison_dataset(
     results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
     pending = [t for t in tasks if t.name not in results]
     if pending:
-        # read every needed source sample (one task per shard holding some), then splice each shard
-        needed: dict[tuple[str, str], set[str]] = {}
-        for t in pending:
-            for e in t.edits:
-                for origin, shard, key in (template_ref(e), image_ref(e)):
-                    needed.setdefault((origin, shard), set()).add(key)
-        ranges = {o: _byte_ranges(cat, {(n, k) for (o2, n), keys in needed.items() if o2 == o for k in keys})
+        # each shard's task reads the samples its edits need at their catalogued byte ranges
+        refs = {ref for t in pending for e in t.edits for ref in (template_ref(e), image_ref(e))}
+        ranges = {o: _byte_ranges(cat, {(n, k) for o2, n, k in refs if o2 == o})
                   for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
-        with dask_client(scheduler, workers) as client:
-            extract = [ExtractTask(("pool-" if o == "pool" else "") + shard_stem(n),
-                                   (pool.paths if o == "pool" else shard_paths)[n], tuple(sorted(k)), o,
-                                   tuple(ranges[o][(n, key)] for key in sorted(k)))
-                       for (o, n), k in sorted(needed.items())]
-            got = map_shards(extract_samples, extract, client=client, retries=retries, desc="poison-read")
-            sources = {}
-            for r in got.results.values():
-                sources.update(r["samples"])
-            pending = [replace(t, sources={ref: sources[ref] for e in t.edits for ref in (template_ref(e), image_ref(e))})
-                       for t in pending]
-            run = map_shards(poison_shard, pending, client=client, retries=retries, desc="poison")
+        src_paths = {"dataset": shard_paths, "pool": pool.paths if pool else {}}
+        pending = [replace(t, reads=tuple(sorted({(o, src_paths[o][n], k, *ranges[o][(n, k)])
+                                                  for e in t.edits for o, n, k in (template_ref(e), image_ref(e))})))
+                   for t in pending]
+        run = map_shards(poison_shard, pending, scheduler=scheduler, workers=workers, retries=retries, desc="poison")
         results.update(run.results)
 
     import pandas as pd

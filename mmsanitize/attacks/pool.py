@@ -6,7 +6,7 @@ SPEC is shards (a directory of `.tar`, one `.tar`, a brace pattern or glob — s
 shards under the poison output's private work area (image files byte for byte, no resizing), so
 both kinds are read the same way afterwards: catalogued with the Dask engine (the catalog parts
 also live in the work area — the pool's own folder is never written), labelled with the
-dataset's `--label-from` rule, and read by the plan's `extract_samples` pass.
+dataset's `--label-from` rule, and read by the poison tasks at their catalogued byte ranges.
 
 Every pool sample whose image sha256 equals the sha256 of a dataset image is excluded (the pool
 must be outside the dataset); how many were excluded is reported.
