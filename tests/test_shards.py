@@ -325,3 +325,58 @@ def test_fast_splice_errors_match_streaming_reader(tmp_path, monkeypatch):
                {"replace": {keys[4]: Sample(keys[0], b"x", "jpg", "c", None)}}):
         got = _rewrite_both(monkeypatch, tmp_path / f"clash{len(str(kw))}", src, **kw)
         assert got[True] == got[False] and got[True][0] == "ShardError", got
+
+
+def _parquet_bytes(table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+ROW_CASES = {
+    # name: (metas for 6 samples, whether the column path applies)
+    "img2dataset json": ([{"key": f"k{i}", "caption": f"c{i}", "url": f"http://x/{i}", "width": 32 + i,
+                           "height": 32, "sha256": "ab" * 32, "status": "success", "error_message": None,
+                           "label": "dog"} for i in range(6)], True),
+    "floats and bools": ([{"score": 0.5 * i, "ok": i % 2 == 0, "note": None if i % 3 else "n"} for i in range(6)], True),
+    "all None column": ([{"label": None, "w": 1} for _ in range(6)], True),
+    "own status": ([{"status": "failed" if i == 2 else "success"} for i in range(6)], True),
+    "no json": ([None] * 6, True),
+    "empty json": ([{}] * 6, True),
+    "key after other fields": ([{"a": i, "key": "x", "caption": "y"} for i in range(6)], True),
+    "int column with a None": ([{"w": None if i == 3 else i} for i in range(6)], False),
+    "int and float": ([{"w": 1.5 if i == 3 else i} for i in range(6)], False),
+    "int and bool": ([{"w": True if i == 3 else i} for i in range(6)], False),
+    "NaN": ([{"w": float("nan") if i == 3 else 0.5} for i in range(6)], False),
+    "beyond int64": ([{"w": 2**63 if i == 3 else i} for i in range(6)], False),
+    "nested values": ([{"exif": {"a": 1} if i == 3 else None, "tags": ["x"], "w": i} for i in range(6)], False),
+    "fields in another order": ([{"a": 1, "b": 2} if i % 2 else {"b": 2, "a": 1} for i in range(6)], False),
+    "a field missing": ([{"a": 1, "b": 2} if i != 4 else {"a": 1} for i in range(6)], False),
+    "some without json": ([None if i == 1 else {"a": "x"} for i in range(6)], False),
+    "str and int": ([{"a": "x" if i else 3} for i in range(6)], False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_shard_parquet_from_columns_equals_pandas_rows(case, monkeypatch):
+    """rows_table builds plain columns directly and falls back to pandas otherwise: the parquet
+    bytes are the pandas path's in every case, and the direct path is taken where it applies."""
+    from mmsanitize import shards
+
+    metas, direct = ROW_CASES[case]
+    rows = [(f"{i:04d}", f"caption {i}", m) for i, m in enumerate(metas)]
+
+    def outcome(fn):
+        try:
+            return _parquet_bytes(fn(rows))
+        except Exception as e:  # noqa: BLE001 - pyarrow refuses some mixed columns: the same way both times
+            return type(e)
+
+    want = outcome(shards._rows_table_by_rows)
+    calls = []
+    real = shards._rows_table_by_rows
+    monkeypatch.setattr(shards, "_rows_table_by_rows", lambda r: calls.append(1) or real(r))
+    assert outcome(shards.rows_table) == want
+    assert bool(calls) == (not direct)
