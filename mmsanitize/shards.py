@@ -17,6 +17,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import time
@@ -633,7 +634,7 @@ def rows_table(rows: list[tuple[str, str, dict | None]]):
         col = [r[2][f] for r in rows]
         types = set(map(type, col))
         if types not in _PLAIN_TYPES or (int in types and not _INT64[0] <= min(col) <= max(col) <= _INT64[1]) \
-                or (float in types and any(v != v for v in col)):
+                or (float in types and any(map(math.isnan, col))):
             return _rows_table_by_rows(rows)
         data[f] = col
     data.setdefault("status", ["success"] * len(rows))
