@@ -92,6 +92,8 @@ def main() -> None:
     work.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MMSANITIZE_PROGRESS="0", XDG_CACHE_HOME=str(cache / "xdg"))
     py = [sys.executable, "-m", "mmsanitize"]
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    print(f"code: {ROOT} ({rev.stdout.strip() or 'not a git checkout'})", flush=True)
 
     def job(tag, argv, out):
         shutil.rmtree(out, ignore_errors=True)
