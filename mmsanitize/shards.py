@@ -578,14 +578,24 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
 
 
-def write_parquet_atomic(df, path: str | os.PathLike) -> None:
-    """Write a DataFrame to parquet deterministically (no pandas index) via temp file + rename."""
+def pandas_table(df):
+    """A DataFrame as the Arrow table we write: no pandas index, no schema metadata (deterministic)."""
     import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+
+
+def write_table_atomic(table, path: str | os.PathLike) -> None:
+    """Write an Arrow table to parquet via temp file + rename."""
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def write_parquet_atomic(df, path: str | os.PathLike) -> None:
+    """Write a DataFrame to parquet deterministically (no pandas index) via temp file + rename."""
+    write_table_atomic(pandas_table(df), path)
 
 
 def _row(key: str, caption: str, meta: dict | None) -> dict:
@@ -600,11 +610,9 @@ def _row(key: str, caption: str, meta: dict | None) -> dict:
 def _rows_table_by_rows(rows: list[tuple[str, str, dict | None]]):
     """The parquet table of `rows` through pandas' type inference: one dict per sample."""
     import pandas as pd
-    import pyarrow as pa
 
     df = pd.DataFrame([_row(*r) for r in rows])
-    cols = ["key", "caption"] + [c for c in df.columns if c not in ("key", "caption")]
-    return pa.Table.from_pandas(df[cols], preserve_index=False).replace_schema_metadata(None)
+    return pandas_table(df[["key", "caption"] + [c for c in df.columns if c not in ("key", "caption")]])
 
 
 # a column whose values all have one of these sets of Python types gets the same Arrow type and
@@ -702,8 +710,6 @@ class ShardWriter:
 
     def close(self) -> dict:
         """Finish the archive, write parquet then stats, rename into place; returns the stats."""
-        import pyarrow.parquet as pq
-
         f = self._f
         end = f.tell() + 2 * BLOCK
         f.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
@@ -711,9 +717,7 @@ class ShardWriter:
         if not self.rows:
             self.abort()
             raise ShardError(self.name + ".tar", "refusing to write an empty shard")
-        table = rows_table(self.rows)
-        with atomic_path(self.out_dir / f"{self.name}.parquet") as tmp:
-            pq.write_table(table, tmp)
+        write_table_atomic(rows_table(self.rows), self.out_dir / f"{self.name}.parquet")
         os.replace(self.tmp_path, self.tar_path)
         n = len(self.rows)
         stats = {
