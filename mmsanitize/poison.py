@@ -74,12 +74,15 @@ def read_ranges(path: str, keys, ranges) -> dict:
             blob = os.pread(fd, end - start, start)
             members = []
             if len(blob) == end - start:
-                for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
-                    name, ext = split_name(member.name, shard)
-                    if name != key:
-                        members = []
-                        break
-                    members.append((member, ext, data))
+                try:
+                    for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
+                        name, ext = split_name(member.name, shard)
+                        if name != key:
+                            members = []
+                            break
+                        members.append((member, ext, data))
+                except ShardError:  # not a sample's members at all: reported with its key below
+                    members = []
             if not members:
                 raise ShardError(shard, "sample named by the poison plan is not where the catalog says (input changed?)",
                                  key=key)

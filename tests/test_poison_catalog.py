@@ -206,3 +206,27 @@ def test_unique_key_check_is_saved_for_the_shard_contents(tmp_path, dask_address
             w.write(s)
     with pytest.raises(ShardError, match="duplicate key across shards"):
         catalog_mod.catalog_parts(data, scheduler=dask_address, cache_dir=cache)
+
+
+def test_a_source_sample_not_at_its_catalogued_range_is_one_line_naming_shard_and_key(
+        tmp_path, dask_address, monkeypatch, capsys):
+    """The poison tasks read their source samples at the catalog's byte ranges; a range that does
+    not hold the sample (the catalog is stale) fails with one line naming the shard and key, and
+    no output is left."""
+    import pyarrow.compute as pc
+
+    data = make_rich_dataset(tmp_path / "data")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    main(["catalog", str(data), "--scheduler", dask_address])
+    for part in (tmp_path / "xdg").glob("mmsanitize/catalogs/*/0000?.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.set_column(t.schema.get_field_index("offset"), "offset", pc.add(t["offset"], 512)), part)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["poison", str(data), "--attack", "single-label", "--goal", "dog2boat", "--out", str(out),
+              "--scheduler", dask_address])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "not where the catalog says" in err and ", key 0000" in err and ".tar" in err
+    assert not out.exists() or not list(out.glob("*.tar"))
