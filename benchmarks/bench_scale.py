@@ -13,7 +13,9 @@ Then runs, each as `python -m mmsanitize` in a child process whose tree is sampl
 and prints wall time, samples/s, peak RSS of the client and of the largest worker, the 2-vs-1
 worker ratio, kNN recall@10 and ms/query of the scan's image index against exact search on
 --queries seeded queries for the scan's (nprobe, re-rank) setting and a grid around it (exact
-answer cached per data set), and the planted-poison AUROC per detector. --skip-ratio,
+answer cached per data set), the recall@10 of the all-detector scan's kNN reference per kind
+(when the scan sampled one; --knn-reference sets its size), and the planted-poison AUROC per
+detector. --skip-ratio,
 --only-ratio and --skip-all pick the jobs; --code CHECKOUT runs another checkout's mmsanitize
 on the same data (a before/after in one session).
 
@@ -242,6 +244,41 @@ def recall_curve(cache: Path, scan_dir: Path, queries: int, seed: int) -> dict:
     return out
 
 
+def reference_recall(cache: Path, scan_dir: Path, queries: int, seed: int) -> list[dict]:
+    """Recall@10 of the all-detector scan's kNN reference (one index per kind) vs exact search over
+    the same reference vectors, on `queries` seeded dataset rows (the scan queries every row)."""
+    from mmsanitize.detectors.density import joint
+    from mmsanitize.reference import Reference
+
+    ref = json.loads((scan_dir / "summary.json").read_text())["index"].get("reference")
+    if ref is None:
+        return []
+    shards = len(list(scan_dir.glob("scores_*.parquet")))
+    files = {w: sorted((cache / "emb" / f"{w}_emb").glob("*.npy"))[:shards] for w in ("img", "text")}
+    counts = [np.load(f, mmap_mode="r").shape[0] for f in files["img"]]
+    offs = np.r_[0, np.cumsum(counts)]
+    q_ids = np.sort(np.random.default_rng(seed + 1).choice(offs[-1], min(queries, offs[-1]), replace=False))
+    take = {w: np.concatenate([np.asarray(np.load(f, mmap_mode="r")[q_ids[(q_ids >= o) & (q_ids < o + c)] - o],
+                                          np.float32) for f, o, c in zip(fs, offs, counts)]) for w, fs in files.items()}
+    q_of = {"image": take["img"], "text": take["text"], "joint": joint(take["img"], take["text"]), "union": take["img"]}
+    r = Reference(scan_dir / "index" / "reference")
+    out = []
+    for kind, params in ref["kinds"].items():
+        q, index = q_of[kind], r.index(kind)
+        base, ids = np.asarray(index.vectors), np.asarray(index.ids)
+        t = time.time()
+        exact = np.concatenate([ids[np.argsort(-(q[a:a + 1000] @ base.T), axis=1, kind="stable")[:, :10]]
+                                for a in range(0, len(q), 1000)])
+        t_exact = time.time() - t
+        t = time.time()
+        approx = index.knn(q, 10)[1]
+        t_ivf = time.time() - t
+        hits = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, exact)]))
+        out.append({"kind": kind, **params, "recall": hits, "ms": 1000 * t_ivf / len(q),
+                    "exact_ms": 1000 * t_exact / len(q)})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -260,6 +297,8 @@ def main() -> None:
                     help="The checkout whose mmsanitize the scans run (default this one; another checkout gives "
                          "a before/after on the same data).")
     ap.add_argument("--queries", type=int, default=10_000)
+    ap.add_argument("--knn-reference", default=None,
+                    help="--knn-reference of the all-detector scan (default: the scan's own default).")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     cache = Path(args.cache) / f"n{args.n}_s{args.seed}"
@@ -302,7 +341,8 @@ def main() -> None:
         r1 = scan("ratio_1w", sub, 1)
     if not (args.skip_all or args.only_ratio):
         scan("all_2w", shard_subset(cache, args.all_shards), 2, "--flag-fraction", "0.01", "--detectors",
-             "similarity,class_consistency,image_reuse,caption_neighbours,density,kdistance")
+             "similarity,class_consistency,image_reuse,caption_neighbours,density,kdistance",
+             *(["--knn-reference", args.knn_reference] if args.knn_reference is not None else []))
 
     print("\n| job | pairs | workers | wall s | pairs/s | peak RSS client GiB | peak RSS largest worker GiB | "
           "anonymous (client / worker) GiB |")
@@ -313,6 +353,16 @@ def main() -> None:
               f"{r['client_anon'] / 2**30:.2f} / {r['worker_anon'] / 2**30:.2f} |")
     if r1 is not None:
         print(f"\n2 workers vs 1 on the default scan of {r1['n']:,} pairs: {r1['seconds'] / r2['seconds']:.2f}x")
+    if (work / "all_2w" / "summary.json").exists():
+        rr = reference_recall(cache, work / "all_2w", args.queries, args.seed)
+        if rr:
+            print(f"\nkNN recall@10 of the all-detector scan's reference vs exact search over the same reference, "
+                  f"{args.queries:,} seeded dataset rows as queries:")
+            print("| kind | reference vectors | nlist | nprobe | recall@10 | ms/query | exact ms/query |")
+            print("|---|---|---|---|---|---|---|")
+            for c in rr:
+                print(f"| {c['kind']} | {c['vectors']:,} | {c['nlist']} | {c['nprobe']} | {c['recall']:.4f} | "
+                      f"{c['ms']:.3f} | {c['exact_ms']:.3f} |")
     if d2 is None and not args.only_all:
         return
     if d2 is not None:

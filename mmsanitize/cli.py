@@ -529,13 +529,16 @@ def embed(shards, model, out, batch_size, overwrite, scheduler, workers):
                    "caption fits it worse than the median pair; auto = 1 + the median count (0 = off).")
 @click.option("-k", "--neighbours", "k", type=int, default=10, show_default=True)
 @click.option("--index", "index_kind", type=click.Choice(["auto", "exact", "ivf", "hnsw"]), default="auto", show_default=True)
+@click.option("--knn-reference", type=int, default=200_000, show_default=True,
+              help="caption_neighbours, density and kdistance look for neighbours among a seeded sample of this "
+                   "many pairs when the dataset is larger (Huang et al.'s reference set); 0 = among all pairs.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--allow-untrained", is_flag=True,
               help="Scan with a model whose weights were never trained (its cosines are noise).")
 @dask_options
 def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, detectors, classes, combine, reuse_min,
-         k, index_kind, seed, overwrite, scheduler, workers, allow_untrained):
+         k, index_kind, knn_reference, seed, overwrite, scheduler, workers, allow_untrained):
     """Score every pair with the detectors and flag suspicious ones.
 
     Example: mmsanitize scan runs/p/ --model runs/ref/ --threshold auto --manifest runs/p/manifest.parquet --out runs/p-scan/
@@ -544,8 +547,9 @@ def scan(shards, out, threshold, flag_fraction, embeddings, model, manifest, det
 
     s = run(shards, out=out, threshold=threshold, flag_fraction=flag_fraction, embeddings=embeddings, model=model,
             manifest=manifest, detectors=tuple(d.strip() for d in detectors.split(",") if d.strip()),
-            combine=combine, classes=classes, reuse_min=reuse_min, k=k, index_kind=index_kind, seed=seed,
-            overwrite=overwrite, scheduler=scheduler, workers=workers, allow_untrained=allow_untrained)
+            combine=combine, classes=classes, reuse_min=reuse_min, k=k, index_kind=index_kind,
+            knn_reference=knn_reference, seed=seed, overwrite=overwrite, scheduler=scheduler, workers=workers,
+            allow_untrained=allow_untrained)
     for line in s.get("warnings", []):
         click.echo(f"warning: {line}", err=True)
     thr = s["thresholds"].get("similarity")

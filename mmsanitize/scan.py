@@ -367,6 +367,7 @@ def scan(
     reuse_min: int | str = "auto",
     k: int = 10,
     index_kind: str = "auto",
+    knn_reference: int = 200_000,
     seed: int = 0,
     scheduler: str | None = None,
     workers: int | None = None,
@@ -382,7 +383,9 @@ def scan(
     by combined score; at least one is required. `embeddings`: our `embed` output or a
     clip-retrieval folder (joined to the shards by key); without it they are computed with
     `model` into `out/embeddings/` (resumable per shard). `classes` names the class vocabulary of
-    class_consistency (see `caption_classes`). Every per-pair computation is a Dask task per
+    class_consistency (see `caption_classes`). caption_neighbours, density and kdistance find
+    neighbours among all pairs up to `knn_reference` pairs, above that among a seeded sample of
+    `knn_reference` pairs (`reference.py`; 0 = always all pairs). Every per-pair computation is a Dask task per
     shard; the client keeps only seeded samples of at most `fit_sample` values per detector, the
     class sums and the rows whose image hash repeats. A killed scan resumes where it stopped; a
     finished one with the same inputs and parameters is not recomputed. A model with untrained
@@ -419,6 +422,8 @@ def scan(
         raise UsageError("--threshold needs the similarity detector")
     if k < 1:
         raise UsageError(f"-k must be >= 1, got {k}")
+    if knn_reference < 0 or 0 < knn_reference <= max(k, 16) + 2:
+        raise UsageError(f"--knn-reference must be 0 (all pairs) or more than {max(k, 16) + 2}, got {knn_reference}")
     choose_kind(1, index_kind)
     paths = expand_shards(shards)
     names = [shard_stem(p) for p in paths]
@@ -452,7 +457,8 @@ def scan(
     params = {"version": SCAN_VERSION, "threshold": threshold, "flag_fraction": flag_fraction,
               "detectors": list(detectors), "combine": combine, "classes": classes,
               "class_rule": [CLASS_MIN_PROB, CLASS_TOP_PROB], "reuse_min": reuse_min, "k": k,
-              "index_kind": index_kind, "seed": seed, "model": card, "fit_sample": fit_sample,
+              "index_kind": index_kind, "knn_reference": knn_reference, "seed": seed, "model": card,
+              "fit_sample": fit_sample,
               "inputs": [file_fingerprint(p) for p in paths],
               "embeddings": [file_fingerprint(f) for f in emb_files if f.exists()],
               "manifest": file_fingerprint(manifest) if manifest else None}
@@ -498,8 +504,11 @@ def scan(
         dups, labels = _catalog_groups(names, catalog_parts, offsets, client, need_cc and classes == "auto", work)
         vocab = class_vocabulary(classes, labels) if need_cc else {}
         kind = choose_kind(n_total, index_kind)
-        kinds = ["image"] + (["text"] if "caption_neighbours" in detectors else []) \
+        knn_kinds = (["text"] if "caption_neighbours" in detectors else []) \
             + (["joint"] if "density" in detectors else []) + (["union"] if "kdistance" in detectors else [])
+        ref_kinds = (["image"] if "caption_neighbours" in detectors else []) + knn_kinds
+        use_ref = bool(ref_kinds) and 0 < knn_reference < n_total
+        kinds = ["image"] + ([] if use_ref else knn_kinds)  # dataset-wide indexes
         index = {"kind": kind, "k": k, "vectors": n_total, "kinds": kinds}
         if kind == "ivf":
             nlist = max(1, min(int(round(4 * math.sqrt(n_total))), n_total // 39 or 1))
@@ -515,11 +524,17 @@ def scan(
               "calib_sample": min(20_000, fit_sample), "index": index, "offsets": offsets, "vocab": vocab, "has_url": has_url,
               "shards": [{"name": n, "catalog": c, "img": str(f[0]), "txt": str(f[1]), "meta": str(f[2])}
                          for n, c, f in zip(names, catalog_parts, files)]}
+        if use_ref:
+            st["reference"] = {"dir": str(out / "index" / "reference"), "size": knn_reference, "kinds": ref_kinds}
+            (out / "index" / "reference").mkdir(parents=True, exist_ok=True)
         state = T.write_state(work / "state_prep.pkl", st)
         training = []
         if kind == "ivf":  # on seeded samples read from the embeddings: beside prepare, which does not need them
             training = [submit_call(client, Call(f"{kd} index training", T.train_index, (state, kd))) for kd in kinds
                         if overwrite or not (work / f"{kd}.trained.json").exists()]
+        building = [] if not use_ref else [  # the kNN reference, from the embeddings too
+            (p, submit_call(client, Call(f"kNN reference {p}", T.build_reference, (state, p))))
+            for p in ["rows"] + ref_kinds if overwrite or T.done_marker(work, "reference", p, phash) is None]
         phase(T.prepare_shard, "prepare", "prep")
 
         # ---- small global state, fitted on the client from the shards' samples
@@ -603,6 +618,12 @@ def scan(
                 st["near_groups"] = groups
                 state = T.write_state(work / "state_near.pkl", st)
                 phase(T.near_group, "near-duplicates", "near", groups)
+        if use_ref:
+            gather_calls(client, [c for _, c in building])
+            index["reference"] = {"pairs": knn_reference, "sampled_from": n_total, "seed": seed,
+                                  "search": "exact over the probed lists, list by list (reference.py)",
+                                  "kinds": {p: {k_: v for k_, v in T.done_marker(work, "reference", p, phash).items()
+                                                if k_ != "params_hash"} for p in ref_kinds}}
         if "kdistance" in detectors:
             det_state["kdistance"] = {"method": "1 - cos of the image's k-th neighbour among all images and captions "
                                                 "(Huang et al. 2025)", "k": max(k, 16)}
@@ -613,6 +634,8 @@ def scan(
         st["topk"] = topk
         state = T.write_state(work / "state_raw.pkl", st)
         phase(T.raw_shard, "detectors", "raw")
+        if use_ref and "density" in st["detectors"]:  # the reference rows' k-distances, for every shard's LOF
+            gather_calls(client, [submit_call(client, Call("kNN reference k-distances", T.reference_kdist, (state,)))])
         phase(T.sample_shard, "sample", "sample")
 
         # ---- thresholds and references from the samples

@@ -233,6 +233,61 @@ def get_index(st: dict, kind: str):
     return index
 
 
+_REFERENCES: dict = {}
+
+
+def reference_for(st: dict):
+    """The job's kNN reference (`reference.Reference`, loaded once per worker process), or None
+    when the kNN detectors search every pair."""
+    ref = st.get("reference")
+    if ref is None:
+        return None
+    key = (st["work"], st["params_hash"])
+    if key not in _REFERENCES:
+        from .reference import Reference
+
+        _REFERENCES.clear()
+        _REFERENCES[key] = Reference(ref["dir"])
+    return _REFERENCES[key]
+
+
+def knn_index(st: dict, kind: str):
+    """What the kNN detectors search for `kind`: the reference's index, or the dataset-wide one."""
+    ref = reference_for(st)
+    return ref.index(kind) if ref is not None else get_index(st, kind)
+
+
+def build_reference(state: str, part: str) -> dict:
+    """Write one part of the kNN reference (`rows`, or a kind's lists) into `st["reference"]["dir"]`
+    from the seeded sample of rows (read memory-mapped, so it runs beside the prepare phase)."""
+    from . import reference as R
+
+    st = load_state(state)
+    rows = rows_for(state)
+    gid = R.sample_rows(rows.n, st["reference"]["size"], st["seed"])
+    img, txt = rows.take("img", gid), rows.take("txt", gid)
+    if part == "rows":
+        R.write_rows(st["reference"]["dir"], gid, img, txt)
+        return _mark(st["work"], "reference", part, st["params_hash"], pairs=int(len(gid)))
+    params = R.build_kind(st["reference"]["dir"], part, img, txt, gid, rows.n, seed=st["seed"])
+    return _mark(st["work"], "reference", part, st["params_hash"], **params)
+
+
+def reference_kdist(state: str) -> dict:
+    """Gather the reference rows' k-distances (density's first pass, one file per shard) into
+    `WORK/ref_kdist.npy`, in reference order: every shard's LOF reads its neighbours' from it."""
+    st = load_state(state)
+    rows = rows_for(state)
+    gid = reference_for(st).gid
+    s_of = np.searchsorted(rows.offsets, gid, side="right") - 1
+    out = np.empty(len(gid), np.float32)
+    for s in np.unique(s_of):
+        m = s_of == s
+        out[m] = np.load(Path(st["work"]) / f"kdist_{rows.shards[s]['name']}.npy", mmap_mode="r")[gid[m] - rows.offsets[s]]
+    save_npy(Path(st["work"]) / "ref_kdist.npy", out)
+    return {"rows": int(len(gid))}
+
+
 def _sample_rows(n_shard: int, n_total: int, cap: int, seed: int, shard_index: int) -> np.ndarray:
     """A seeded sample of a shard's rows at rate cap / n_total (all rows when n_total ≤ cap)."""
     if n_total <= cap:
@@ -495,19 +550,25 @@ def raw_shard(task: ShardTask) -> dict:
                 pb_.append(b[a != b])
         out["image_reuse"] = image_reuse.count_different(
             np.concatenate(pa_), np.concatenate(pb_), n, off, lambda ids: rows.take("txt", ids), rows.captions)
+    ref = reference_for(st)
+    if ref is not None:  # searched list by list: one call per shard, not per block
+        block, source = max(1, n), ref
+    else:
+        source = rows
     if "caption_neighbours" in dets:
-        ti, ii = get_index(st, "text"), get_index(st, "image")
+        ti, ii = knn_index(st, "text"), knn_index(st, "image")
         t2i = np.zeros(n, np.float32)
         i2t = np.zeros(n, np.float32)
         for a in range(0, n, block):
             b = min(n, a + block)
             t2i[a:b] = caption_neighbours.agreement(img[a:b], txt[a:b], gid[a:b], ti,
-                                                    lambda ids: rows.take("img", ids), k)
+                                                    lambda ids: source.take("img", ids), k)
             i2t[a:b] = caption_neighbours.agreement(txt[a:b], img[a:b], gid[a:b], ii,
-                                                    lambda ids: rows.take("txt", ids), k)
+                                                    lambda ids: source.take("txt", ids), k)
         out["caption_neighbours"] = (1.0 - 0.5 * (t2i + i2t)).astype(np.float32)
     if "density" in dets:
-        index, kk = get_index(st, "joint"), max(1, min(k, rows.n - 1))
+        index = knn_index(st, "joint")
+        kk = max(1, min(k, (len(index) if ref is not None else rows.n) - 1))
         joint = density.joint(img, txt)
         kd = np.zeros(n, np.float32)
         neigh = np.zeros((n, kk), np.int64)
@@ -517,7 +578,8 @@ def raw_shard(task: ShardTask) -> dict:
         out["_neigh"] = neigh
         save_npy(Path(st["work"]) / f"kdist_{task.name}.npy", kd)
     if "kdistance" in dets:
-        index, kk = get_index(st, "union"), max(1, min(max(k, 16), 2 * rows.n - 2))
+        index = knn_index(st, "union")
+        kk = max(1, min(max(k, 16), (len(index) if ref is not None else 2 * rows.n) - 2))
         kd = np.zeros(n, np.float32)
         for a in range(0, n, block):
             kd[a:a + block] = density.kdistance_block(img[a:a + block], gid[a:a + block], rows.n, index=index, k=kk)
@@ -533,7 +595,14 @@ def _load_raw(st: dict, rows: Rows, task: ShardTask) -> dict:
     if "density" in st["detectors"]:
         kd = np.load(Path(st["work"]) / f"kdist_{task.name}.npy")
         neigh = raw["_neigh"]
-        raw["density"] = lof(kd, rows.take("kdist", neigh.ravel()).reshape(neigh.shape))
+        ref = reference_for(st)
+        if ref is not None:  # neighbours are reference rows, or the row itself where none was found
+            pos = ref.positions(neigh.ravel()).reshape(neigh.shape)
+            theirs = np.load(Path(st["work"]) / "ref_kdist.npy")[np.maximum(pos, 0)]
+            theirs = np.where(pos >= 0, theirs, kd[:, None])
+        else:
+            theirs = rows.take("kdist", neigh.ravel()).reshape(neigh.shape)
+        raw["density"] = lof(kd, np.asarray(theirs, np.float32))
     return raw
 
 

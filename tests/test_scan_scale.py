@@ -66,13 +66,15 @@ def _scan_cli(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_scan_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path):
+@pytest.mark.parametrize("reference", ["200000", "100"])  # all 400 pairs as neighbours / a sample of 100
+def test_sigkill_mid_scan_then_rerun_is_byte_identical_and_skips_finished_shards(tmp_path, reference):
     data = tmp_path / "data"
     make_dataset(data, n_shards=40, per_shard=10)
     emb = tmp_path / "emb"
     thumbnail_embeddings(data, emb)
     args = [data, "--embeddings", emb, "--threshold", "auto", "--flag-fraction", "0.05", "--workers", "1",
-            "--detectors", "similarity,class_consistency,image_reuse,caption_neighbours,density"]
+            "--detectors", "similarity,class_consistency,image_reuse,caption_neighbours,density",
+            "--knn-reference", reference]
     ref = _scan_cli(*args, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "scan"
@@ -92,7 +94,9 @@ def test_sigkill_mid_scan_then_rerun_is_byte_identical_and_skips_finished_shards
     for p in done:  # shards whose marker was written were not recomputed
         name = p.name.replace("scan_", "scores_").replace("_stats.json", ".parquet")
         assert (out / name).stat().st_mtime_ns == finished[name]
-    for f in ["scores.parquet", "summary.json", "index/ids.parquet"] + [f"scores_{i:05d}.parquet" for i in range(40)]:
+    files = [p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*") if p.is_file()]
+    assert len(files) >= 43 and (Path("index/reference/gid.npy") in files) == (reference == "100")
+    for f in files:
         assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
     assert not list(out.rglob("*.tmp"))
 
