@@ -385,8 +385,8 @@ def scan(
     `model` into `out/embeddings/` (resumable per shard). `classes` names the class vocabulary of
     class_consistency (see `caption_classes`). caption_neighbours, density and kdistance find
     neighbours among all pairs up to `knn_reference` pairs, above that among a seeded sample of
-    `knn_reference` pairs (`reference.py`; 0 = always all pairs). Every per-pair computation is a Dask task per
-    shard; the client keeps only seeded samples of at most `fit_sample` values per detector, the
+    `knn_reference` pairs (`reference.py`; 0 = always all pairs). Every per-pair computation is
+    a Dask task per shard; the client keeps only seeded samples of at most `fit_sample` values per detector, the
     class sums and the rows whose image hash repeats. A killed scan resumes where it stopped; a
     finished one with the same inputs and parameters is not recomputed. A model with untrained
     weights is refused unless `allow_untrained`; `summary["warnings"]` lists what looks wrong (e.g.

@@ -7,7 +7,7 @@ killed run redoes only the shards without a marker. Global ids are positions in 
 (shards in order, rows in shard order), as in a whole-dataset scan.
 
 Phases (driven by `scan.scan`): prepare (cosines, class sums, seeded samples), with the IVF
-training tasks running beside it -> [index fill] -> [image_reuse's radius calibration] -> [its
+training tasks and the kNN reference's (`reference.py`) running beside it -> [index fill] -> [image_reuse's radius calibration] -> [its
 near-duplicate pairs, IVF: by groups of shards] -> raw detector scores -> [density's second
 pass] -> final (combined score, flags, reasons, `scores_NAME.parquet`) -> [manifest metrics].
 """
