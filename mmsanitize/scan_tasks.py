@@ -268,7 +268,7 @@ def build_reference(state: str, part: str) -> dict:
     img, txt = rows.take("img", gid), rows.take("txt", gid)
     if part == "rows":
         R.write_rows(st["reference"]["dir"], gid, img, txt)
-        return _mark(st["work"], "reference", part, st["params_hash"], pairs=int(len(gid)))
+        return _mark(st["work"], "reference", part, st["params_hash"], pairs=len(gid))
     params = R.build_kind(st["reference"]["dir"], part, img, txt, gid, rows.n, seed=st["seed"])
     return _mark(st["work"], "reference", part, st["params_hash"], **params)
 
