@@ -52,7 +52,7 @@ def nprobe_for(nlist: int) -> int:
 
 
 def kind_vectors(kind: str, img: np.ndarray, txt: np.ndarray, gid: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 vectors as searched, global ids) of the reference rows for `kind`: joint =
+    """(float32 vectors as searched, global ids) of rows `gid` for index `kind`: joint =
     `density.joint`, union = images then captions (ids N + gid)."""
     img, txt = np.asarray(img, np.float32), np.asarray(txt, np.float32)
     if kind == "image":

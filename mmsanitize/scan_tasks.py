@@ -178,17 +178,10 @@ class Rows:
 
     def vectors(self, kind: str, s: int) -> tuple[np.ndarray, np.ndarray]:
         """(vectors, global ids) of shard `s` for index `kind` (union: images then captions, ids N + i)."""
-        from .detectors.density import joint
+        from .reference import kind_vectors
 
         img, txt = self.shard(s)
-        gid = np.arange(self.offsets[s], self.offsets[s + 1], dtype=np.int64)
-        if kind == "image":
-            return img, gid
-        if kind == "text":
-            return txt, gid
-        if kind == "joint":
-            return joint(img, txt), gid
-        return np.concatenate([img, txt]), np.concatenate([gid, gid + self.n])
+        return kind_vectors(kind, img, txt, np.arange(self.offsets[s], self.offsets[s + 1], dtype=np.int64), self.n)
 
     def all_vectors(self, kind: str) -> np.ndarray:
         """Every shard's vectors of `kind` in global-id order (only for exact indexes, N ≤ EXACT_MAX)."""
@@ -285,7 +278,7 @@ def reference_kdist(state: str) -> dict:
         m = s_of == s
         out[m] = np.load(Path(st["work"]) / f"kdist_{rows.shards[s]['name']}.npy", mmap_mode="r")[gid[m] - rows.offsets[s]]
     save_npy(Path(st["work"]) / "ref_kdist.npy", out)
-    return {"rows": int(len(gid))}
+    return {"rows": len(gid)}
 
 
 def _sample_rows(n_shard: int, n_total: int, cap: int, seed: int, shard_index: int) -> np.ndarray:
@@ -385,7 +378,7 @@ def train_index(state: str, kind: str) -> dict:
     tmp = Path(st["work"]) / f"{kind}.trained.tmp"
     faiss.write_index(idx, str(tmp))
     os.replace(tmp, Path(st["work"]) / f"{kind}.trained")
-    res = {"trained_on": int(len(sample))}
+    res = {"trained_on": len(sample)}
     write_json_atomic(Path(st["work"]) / f"{kind}.trained.json", res)
     return res
 
@@ -457,7 +450,7 @@ def calibrate_shard(task: ShardTask) -> dict:
         sims, ids = get_index(st, "image").knn(img, 2)
         nn = np.where(ids[:, 0] == gid, sims[:, 1], sims[:, 0]).astype(np.float32)
     save_npy(Path(st["work"]) / f"calib_{task.name}.npy", nn)
-    return _mark(st["work"], "calib", task.name, st["params_hash"], count=int(len(nn)))
+    return _mark(st["work"], "calib", task.name, st["params_hash"], count=len(nn))
 
 
 def near_groups(offsets: np.ndarray, rows: int) -> list[tuple[int, int]]:
@@ -748,4 +741,4 @@ def auc_shard(task: ShardTask) -> dict:
         lo, hi = np.searchsorted(neg, pos, "left"), np.searchsorted(neg, pos, "right")
         out[f"lt_{d}"], out[f"eq_{d}"] = lo.sum(dtype=np.int64), (hi - lo).sum(dtype=np.int64)
     save_npz(Path(st["work"]) / f"auc_{task.name}.npz", **out)
-    return _mark(st["work"], "auc", task.name, st["params_hash"], count=int(len(truth)))
+    return _mark(st["work"], "auc", task.name, st["params_hash"], count=len(truth))

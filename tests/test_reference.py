@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_dataset
 from test_scan import _error
+from test_scan_scale import random_embeddings
 
 from mmsanitize import reference as R
 from mmsanitize.detectors import density
-from mmsanitize.shards import iter_samples
 
 
 def _unit(x):
@@ -59,17 +57,7 @@ def _random_pairs(tmp_path, n_shards=6, per_shard=20, d=24):
     """Shards plus our embed layout with random unit vectors (captions = image + noise): no ties."""
     data, emb = tmp_path / "data", tmp_path / "emb"
     make_dataset(data, n_shards=n_shards, per_shard=per_shard)
-    rng = np.random.default_rng(3)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (emb / sub).mkdir(parents=True)
-    for tar in sorted(data.glob("*.tar")):
-        keys = [s.key for s in iter_samples(tar)]
-        img = _unit(rng.normal(size=(len(keys), d)))
-        txt = _unit(img + rng.normal(size=img.shape) * 0.8)
-        np.save(emb / "img_emb" / f"img_emb_{tar.stem}.npy", img.astype(np.float16))
-        np.save(emb / "text_emb" / f"text_emb_{tar.stem}.npy", txt.astype(np.float16))
-        pd.DataFrame({"key": keys}).to_parquet(emb / "metadata" / f"metadata_{tar.stem}.parquet")
-    (emb / "model.json").write_text(json.dumps({"name": "random-24"}))
+    random_embeddings(data, emb, d=d, noise=0.8, rng=np.random.default_rng(3), name="random-24")
     img = np.concatenate([np.load(f) for f in sorted((emb / "img_emb").glob("*.npy"))]).astype(np.float32)
     txt = np.concatenate([np.load(f) for f in sorted((emb / "text_emb").glob("*.npy"))]).astype(np.float32)
     return data, emb, img, txt

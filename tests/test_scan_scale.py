@@ -60,6 +60,21 @@ def thumbnail_embeddings(data: Path, out: Path, d_text: int = 256) -> None:
     (out / "model.json").write_text(json.dumps({"name": "thumbnail-16x16"}))
 
 
+def random_embeddings(data: Path, out: Path, *, d: int, noise: float, rng, name: str) -> None:
+    """Our embed layout for `data`'s shards: random unit image vectors, captions = image + `noise`
+    times Gaussian noise (no ties), float16."""
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir(parents=True)
+    for tar in sorted(data.glob("*.tar")):
+        keys = [s.key for s in iter_samples(tar)]
+        img = _unit(rng.normal(size=(len(keys), d)))
+        txt = _unit(img + rng.normal(size=img.shape) * noise)
+        np.save(out / "img_emb" / f"img_emb_{tar.stem}.npy", img.astype(np.float16))
+        np.save(out / "text_emb" / f"text_emb_{tar.stem}.npy", txt.astype(np.float16))
+        pd.DataFrame({"key": keys}).to_parquet(out / "metadata" / f"metadata_{tar.stem}.parquet")
+    (out / "model.json").write_text(json.dumps({"name": name}))
+
+
 def _scan_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mmsanitize", "scan", *map(str, args)], env=ENV, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
@@ -119,17 +134,8 @@ def test_client_never_holds_an_n_row_embedding_matrix(tmp_path, dask_address):
     data = tmp_path / "data"
     make_dataset(data, n_shards=20, per_shard=500)
     emb = tmp_path / "emb"
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (emb / sub).mkdir(parents=True)
     d = 2048
-    for tar in sorted(data.glob("*.tar")):
-        keys = [s.key for s in iter_samples(tar)]
-        img = _unit(rng.normal(size=(len(keys), d)))
-        txt = _unit(img + rng.normal(size=img.shape) * 0.05)
-        np.save(emb / "img_emb" / f"img_emb_{tar.stem}.npy", img.astype(np.float16))
-        np.save(emb / "text_emb" / f"text_emb_{tar.stem}.npy", txt.astype(np.float16))
-        pd.DataFrame({"key": keys}).to_parquet(emb / "metadata" / f"metadata_{tar.stem}.parquet")
-    (emb / "model.json").write_text(json.dumps({"name": "random-1024"}))
+    random_embeddings(data, emb, d=d, noise=0.05, rng=rng, name="random-1024")
     n_bytes = 10_000 * d * 4
     tracemalloc.start()
     try:
