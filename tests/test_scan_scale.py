@@ -434,3 +434,20 @@ def test_a_key_in_two_catalog_parts_is_one_line_naming_both_shards(tmp_path, das
         _catalog_groups(names, paths, offsets, client, False, tmp_path)
     assert "00002.tar" in str(err.value) and "duplicate key across shards (00001.tar, 00002.tar)" in str(err.value)
     assert "000010007" in str(err.value)
+
+
+def test_best_k_merged_in_batches_equals_one_sort_of_every_shard():
+    from mmsanitize.scan import _Best
+
+    rng = np.random.default_rng(4)
+    pieces = []
+    for s in range(60):  # few distinct values: many ties, broken by gid
+        p = np.zeros(int(rng.integers(0, 300)), dtype=[("v", "f8"), ("g", "i8")])
+        p["v"], p["g"] = rng.integers(0, 6, len(p)), s * 1000 + rng.permutation(1000)[:len(p)]
+        pieces.append(p)
+    both = np.concatenate(pieces)
+    for k in (0, 1, 37, 500, len(both) + 5):
+        best = _Best(k)
+        for p in pieces:
+            best.add(p)
+        assert np.array_equal(best.result(), both[np.lexsort((both["g"], -both["v"]))[:k]]), k
