@@ -262,10 +262,20 @@ def reference_recall(cache: Path, scan_dir: Path, queries: int, seed: int) -> li
                                           np.float32) for f, o, c in zip(fs, offs, counts)]) for w, fs in files.items()}
     q_of = {"image": take["img"], "text": take["text"], "joint": joint(take["img"], take["text"]), "union": take["img"]}
     r = Reference(scan_dir / "index" / "reference")
+    kinds = dict(ref["kinds"])
+    if {"image", "text"} <= set(kinds):  # kdistance's search: the image and text searches merged
+        kinds["union"] = {"vectors": kinds["image"]["vectors"] + kinds["text"]["vectors"], "nlist": "image + text",
+                          "nprobe": "image + text"}
     out = []
-    for kind, params in ref["kinds"].items():
-        q, index = q_of[kind], r.index(kind)
-        base, ids = np.asarray(index.vectors), np.asarray(index.ids)
+    for kind, params in kinds.items():
+        q = q_of[kind]
+        if kind == "union":
+            index = r.union(ref["sampled_from"])
+            base = np.concatenate([np.asarray(index.image.vectors), np.asarray(index.text.vectors)])
+            ids = np.concatenate([np.asarray(index.image.ids), np.asarray(index.text.ids) + ref["sampled_from"]])
+        else:
+            index = r.index(kind)
+            base, ids = np.asarray(index.vectors), np.asarray(index.ids)
         t = time.time()
         exact = []
         for a in range(0, len(q), 1000):

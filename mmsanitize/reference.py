@@ -9,10 +9,13 @@ wherever it is).
 
 Layout of `DIR` (written once per scan, read memory-mapped by every worker):
 - `gid.npy` (R,) the sampled global rows, ascending; `img.npy`, `txt.npy` their vectors (source dtype);
-- `KIND_vectors.npy`, `KIND_ids.npy`, `KIND_lists.npz` per kind (image | text | joint | union):
-  the kind's float32 vectors as searched, sorted by inverted list (joint: `density.joint`; union:
-  R images then R captions, caption ids N + gid), their global ids, and the lists' centroids and
-  bounds.
+- `KIND_vectors.npy`, `KIND_ids.npy`, `KIND_lists.npz` per kind (image | text | joint): the
+  kind's float32 vectors as searched, sorted by inverted list (joint: `density.joint`), their
+  global ids, and the lists' centroids and bounds.
+
+kdistance's search among images and captions together is not a kind of its own: `UnionIndex`
+merges an image search (the one caption_neighbours already makes for the same queries) with a
+search of the text lists.
 """
 
 from __future__ import annotations
@@ -151,11 +154,15 @@ class Reference:
         return out
 
     def index(self, kind: str, nprobe: int | None = None) -> ReferenceIndex:
-        """The searchable reference of `kind` (cached)."""
+        """The searchable reference of `kind` (image | text | joint, cached)."""
         key = (kind, nprobe)
         if key not in self._indexes:
             self._indexes[key] = ReferenceIndex(self.dir, kind, nprobe)
         return self._indexes[key]
+
+    def union(self, n: int, nprobe: int | None = None) -> UnionIndex:
+        """The reference's images and captions searched together (caption ids N + gid, N = `n`)."""
+        return UnionIndex(self.index("image", nprobe), self.index("text", nprobe), n)
 
 
 class ReferenceIndex:
@@ -214,3 +221,33 @@ class ReferenceIndex:
         sims = np.where(heap.I >= 0, heap.D, -np.finfo(np.float32).max).astype(np.float32)
         order = np.lexsort((np.where(heap.I >= 0, heap.I, np.iinfo(np.int64).max), -sims), axis=-1)  # ties by id
         return np.take_along_axis(sims, order, 1), np.take_along_axis(heap.I, order, 1)
+
+
+def merge_knn(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of two (sims, ids) kNN results of the same queries over disjoint vectors, best
+    first, ties by id (id -1 = none, last)."""
+    sims, ids = np.concatenate([a[0], b[0]], 1), np.concatenate([a[1], b[1]], 1)
+    order = np.lexsort((np.where(ids >= 0, ids, np.iinfo(np.int64).max), -sims), axis=-1)[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+
+
+class UnionIndex:
+    """kNN among the reference's images and captions together (caption ids offset by `n`): the
+    image search and the text-list search of the same queries merged. The image part can be a
+    search already made (`image_found`), so kdistance costs one text-list search on top of
+    caption_neighbours' image search instead of a search of 2R vectors of its own."""
+
+    kind = "reference"
+
+    def __init__(self, image: ReferenceIndex, text: ReferenceIndex, n: int):
+        self.image, self.text, self.n = image, text, int(n)
+
+    def __len__(self) -> int:
+        return len(self.image) + len(self.text)
+
+    def knn(self, queries: np.ndarray, k: int, image_found=None) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids) of the `k` nearest images and captions of each query, best first, ties by
+        id; `image_found` = the image index's result for the same queries with ≥ k columns."""
+        sims, ids = image_found if image_found is not None else self.image.knn(queries, k)
+        ts, ti = self.text.knn(queries, k)
+        return merge_knn((sims[:, :k], ids[:, :k]), (ts, np.where(ti >= 0, ti + self.n, -1)), k)

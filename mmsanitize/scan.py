@@ -506,7 +506,8 @@ def scan(
         kind = choose_kind(n_total, index_kind)
         knn_kinds = (["text"] if "caption_neighbours" in detectors else []) \
             + (["joint"] if "density" in detectors else []) + (["union"] if "kdistance" in detectors else [])
-        ref_kinds = (["image"] if "caption_neighbours" in detectors else []) + knn_kinds
+        ref_kinds = (["image", "text"] if {"caption_neighbours", "kdistance"} & set(detectors) else []) \
+            + (["joint"] if "density" in detectors else [])  # kdistance: image + text lists (reference.UnionIndex)
         use_ref = bool(ref_kinds) and 0 < knn_reference < n_total
         kinds = ["image"] + ([] if use_ref else knn_kinds)  # dataset-wide indexes
         index = {"kind": kind, "k": k, "vectors": n_total, "kinds": kinds}
@@ -621,7 +622,9 @@ def scan(
         if use_ref:
             gather_calls(client, [c for _, c in building])
             index["reference"] = {"pairs": knn_reference, "sampled_from": n_total, "seed": seed,
-                                  "search": "exact over the probed lists, list by list (reference.py)",
+                                  "search": "exact over the probed lists, list by list (reference.py)"
+                                  + ("; kdistance's images and captions: the image and text searches merged"
+                                     if "kdistance" in detectors else ""),
                                   "kinds": {p: {k_: v for k_, v in T.done_marker(work, "reference", p, phash).items()
                                                 if k_ != "params_hash"} for p in ref_kinds}}
         if "kdistance" in detectors:

@@ -247,7 +247,9 @@ def reference_for(st: dict):
 def knn_index(st: dict, kind: str):
     """What the kNN detectors search for `kind`: the reference's index, or the dataset-wide one."""
     ref = reference_for(st)
-    return ref.index(kind) if ref is not None else get_index(st, kind)
+    if ref is None:
+        return get_index(st, kind)
+    return ref.union(int(st["offsets"][-1])) if kind == "union" else ref.index(kind)
 
 
 def build_reference(state: str, part: str) -> dict:
@@ -544,8 +546,13 @@ def raw_shard(task: ShardTask) -> dict:
         out["image_reuse"] = image_reuse.count_different(
             np.concatenate(pa_), np.concatenate(pb_), n, off, lambda ids: rows.take("txt", ids), rows.captions)
     ref = reference_for(st)
+    kk_union = max(1, min(max(k, 16), (2 * len(ref.gid) if ref is not None else 2 * rows.n) - 2))
+    img_found = None
     if ref is not None:  # searched list by list: one call per shard, not per block
         block, source = max(1, n), ref
+        cols = max(k + 1 if "caption_neighbours" in dets else 0, kk_union + 2 if "kdistance" in dets else 0)
+        if cols:  # one image search for caption_neighbours and kdistance
+            img_found = knn_index(st, "image").knn(np.asarray(img, np.float32), cols)
     else:
         source = rows
     if "caption_neighbours" in dets:
@@ -557,7 +564,7 @@ def raw_shard(task: ShardTask) -> dict:
             t2i[a:b] = caption_neighbours.agreement(img[a:b], txt[a:b], gid[a:b], ti,
                                                     lambda ids: source.take("img", ids), k)
             i2t[a:b] = caption_neighbours.agreement(txt[a:b], img[a:b], gid[a:b], ii,
-                                                    lambda ids: source.take("txt", ids), k)
+                                                    lambda ids: source.take("txt", ids), k, found=img_found)
         out["caption_neighbours"] = (1.0 - 0.5 * (t2i + i2t)).astype(np.float32)
     if "density" in dets:
         index = knn_index(st, "joint")
@@ -572,10 +579,14 @@ def raw_shard(task: ShardTask) -> dict:
         save_npy(Path(st["work"]) / f"kdist_{task.name}.npy", kd)
     if "kdistance" in dets:
         index = knn_index(st, "union")
-        kk = max(1, min(max(k, 16), (len(index) if ref is not None else 2 * rows.n) - 2))
-        kd = np.zeros(n, np.float32)
-        for a in range(0, n, block):
-            kd[a:a + block] = density.kdistance_block(img[a:a + block], gid[a:a + block], rows.n, index=index, k=kk)
+        if img_found is not None:  # the reference's union search, its image part already made
+            kd = density.kdistance_block(img, gid, rows.n, index=index, k=kk_union,
+                                         found=index.knn(img, kk_union + 2, image_found=img_found))
+        else:
+            kd = np.zeros(n, np.float32)
+            for a in range(0, n, block):
+                kd[a:a + block] = density.kdistance_block(img[a:a + block], gid[a:a + block], rows.n, index=index,
+                                                          k=kk_union)
         out["kdistance"] = kd
     save_npz(Path(st["work"]) / f"raw_{task.name}.npz", **out)
     return _mark(st["work"], "raw", task.name, st["params_hash"], count=n)

@@ -30,7 +30,8 @@ def test_reference_index_probing_every_list_is_exact_search_and_the_default_reca
     img, txt = _clustered(rng, n_ref, d, centres), _clustered(rng, n_ref, d, centres)
     gid = np.sort(rng.choice(n_total, n_ref, replace=False))
     R.write_rows(tmp_path, gid, img, txt)
-    params = R.build_kind(tmp_path, kind, img, txt, gid, n_total, seed=0)
+    built = ["image", "text"] if kind == "union" else [kind]  # union: image and text lists, merged
+    params = [R.build_kind(tmp_path, kd, img, txt, gid, n_total, seed=0) for kd in built][0]
     assert params["nlist"] > 1 and params["nprobe"] < params["nlist"]  # above REFERENCE_EXACT: IVF lists
     base, ids = R.kind_vectors(kind, img, txt, gid, n_total)
     if kind == "joint":
@@ -38,14 +39,22 @@ def test_reference_index_probing_every_list_is_exact_search_and_the_default_reca
     queries = np.asarray(base[rng.choice(len(base), 300, replace=False)], np.float32) + 0.01
     exact = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :10]  # ties by position = by id
     ref = R.Reference(tmp_path)
-    sims, got = ref.index(kind, nprobe=params["nlist"]).knn(queries, 10)
+
+    def index(nprobe=None):
+        return ref.union(n_total, nprobe) if kind == "union" else ref.index(kind, nprobe)
+
+    sims, got = index(nprobe=params["nlist"]).knn(queries, 10)
     assert np.array_equal(got, ids[exact])
     np.testing.assert_allclose(sims, np.take_along_axis(queries @ base.T, exact, 1), atol=1e-5)
-    _, approx = ref.index(kind).knn(queries, 10)  # the default probes
+    _, approx = index().knn(queries, 10)  # the default probes
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, ids[exact])])
     assert 0.95 <= recall < 1.0 or params["nprobe"] == params["nlist"], recall
-    again = ref.index(kind).knn(queries, 10)
+    again = index().knn(queries, 10)
     assert np.array_equal(again[1], approx)
+    if kind == "union":  # an image search already made for the same queries gives the same answer
+        found = ref.index("image").knn(queries, 14)
+        reused = index().knn(queries, 10, image_found=found)
+        assert np.array_equal(reused[1], approx) and np.array_equal(reused[0], again[0])
     # partner vectors by global id, zeros outside the reference
     outside = np.setdiff1d(np.arange(50), gid)[:3]
     got = ref.take("txt", np.r_[gid[[5, 2]], outside])
@@ -81,7 +90,7 @@ def test_scan_above_the_reference_size_finds_neighbours_among_the_seeded_sample(
              knn_reference=size, scheduler=dask_address)
     ref = s["index"]["reference"]
     assert ref["pairs"] == size and ref["sampled_from"] == n and s["index"]["kinds"] == ["image"]
-    assert set(ref["kinds"]) == {"image", "text", "joint", "union"} and ref["kinds"]["union"]["vectors"] == 2 * size
+    assert set(ref["kinds"]) == {"image", "text", "joint"} and ref["kinds"]["text"]["vectors"] == size
     members = R.sample_rows(n, size, 0)
     assert len(members) == size and len(set(members)) == size
     assert np.array_equal(np.load(tmp_path / "scan" / "index" / "reference" / "gid.npy"), members)
@@ -97,6 +106,10 @@ def test_scan_above_the_reference_size_finds_neighbours_among_the_seeded_sample(
     kdist = 1 - np.take_along_axis(sims, order, 1)[:, -1]
     np.testing.assert_allclose(got["density"], density.lof(kdist.astype(np.float32), kdist[members[order]]),
                                rtol=1e-4)
+    # kdistance: the 16th nearest of the image among the reference's images and captions (own pair skipped)
+    sims = np.concatenate([img @ img[members].T, img @ txt[members].T], 1)
+    sims[np.tile(members, 2)[None, :] == np.arange(n)[:, None]] = -np.inf
+    np.testing.assert_allclose(got["kdistance"], np.maximum(1 - np.sort(sims, axis=1)[:, -16], 0), atol=1e-5)
     # 0 = every pair is a neighbour candidate, as below the reference size
     full = scan(data, out=tmp_path / "full", embeddings=emb, flag_fraction=0.05, detectors=dets, k=k,
                 knn_reference=0, scheduler=dask_address)
@@ -110,7 +123,7 @@ def test_scan_above_the_reference_size_finds_neighbours_among_the_seeded_sample(
     one = scan(data, out=tmp_path / "one", embeddings=emb, flag_fraction=0.05, detectors=dets, k=k,
                knn_reference=size, workers=1)
     assert one["index"] == s["index"]
-    for name in ["scores.parquet", "index/reference/union_vectors.npy", "index/reference/text_lists.npz"]:
+    for name in ["scores.parquet", "index/reference/joint_vectors.npy", "index/reference/text_lists.npz"]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "scan" / name).read_bytes(), name
 
 

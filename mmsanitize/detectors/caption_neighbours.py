@@ -13,14 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def agreement(mine: np.ndarray, queries: np.ndarray, rows: np.ndarray, index, fetch, k: int) -> np.ndarray:
+def agreement(mine: np.ndarray, queries: np.ndarray, rows: np.ndarray, index, fetch, k: int,
+              found=None) -> np.ndarray:
     """Median cosine between `mine[i]` and `fetch(j)` for j in the k nearest of `queries[i]` in
     `index`, skipping the pair's own row `rows[i]` (global ids); 1.0 where no neighbour exists.
 
     `fetch(ids)` returns the rows of the searched modality's partner vectors (ids ≥ 0), so a
-    shard's rows can be scored against a dataset-wide index.
+    shard's rows can be scored against a dataset-wide index. `found` = `index.knn(queries, m)`
+    already made with m ≥ k + 1 (its first k + 1 columns are used).
     """
-    _, ids = index.knn(np.asarray(queries, np.float32), k + 1)
+    ids = index.knn(np.asarray(queries, np.float32), k + 1)[1] if found is None else found[1][:, :k + 1]
     rows = np.asarray(rows)[:, None]
     # drop self (wherever it appears) and keep k neighbours
     ids = np.where(ids == rows, -1, ids)

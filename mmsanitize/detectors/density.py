@@ -53,10 +53,11 @@ def score(vectors: np.ndarray, *, index, k: int = 10, block: int = 1024) -> np.n
     return lof(kdist, kdist[neigh])
 
 
-def kdistance_block(queries: np.ndarray, rows: np.ndarray, n: int, *, index, k: int) -> np.ndarray:
+def kdistance_block(queries: np.ndarray, rows: np.ndarray, n: int, *, index, k: int, found=None) -> np.ndarray:
     """`kdistance` for image `queries` whose global rows are `rows` in a union index of `n` images
-    then `n` captions (self and the pair's own caption skipped)."""
-    sims, ids = index.knn(np.asarray(queries, np.float32), k + 2)
+    then `n` captions (self and the pair's own caption skipped); `found` = `index.knn(queries,
+    k + 2)` when it was already made."""
+    sims, ids = index.knn(np.asarray(queries, np.float32), k + 2) if found is None else found
     rows = np.asarray(rows)[:, None]
     own = (ids == rows) | (ids == rows + n)
     order = np.argsort(own, axis=1, kind="stable")[:, :k]
