@@ -564,7 +564,8 @@ def raw_shard(task: ShardTask) -> dict:
             t2i[a:b] = caption_neighbours.agreement(img[a:b], txt[a:b], gid[a:b], ti,
                                                     lambda ids: source.take("img", ids), k)
             i2t[a:b] = caption_neighbours.agreement(txt[a:b], img[a:b], gid[a:b], ii,
-                                                    lambda ids: source.take("txt", ids), k, found=img_found)
+                                                    lambda ids: source.take("txt", ids), k,
+                                                    found=None if img_found is None else (img_found[0][a:b], img_found[1][a:b]))
         out["caption_neighbours"] = (1.0 - 0.5 * (t2i + i2t)).astype(np.float32)
     if "density" in dets:
         index = knn_index(st, "joint")
