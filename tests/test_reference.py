@@ -31,7 +31,7 @@ def test_reference_index_probing_every_list_is_exact_search_and_the_default_reca
     gid = np.sort(rng.choice(n_total, n_ref, replace=False))
     R.write_rows(tmp_path, gid, img, txt)
     built = ["image", "text"] if kind == "union" else [kind]  # union: image and text lists, merged
-    params = [R.build_kind(tmp_path, kd, img, txt, gid, n_total, seed=0) for kd in built][0]
+    params = {kd: R.build_kind(tmp_path, kd, img, txt, gid, n_total, seed=0) for kd in built}[built[0]]
     assert params["nlist"] > 1 and params["nprobe"] < params["nlist"]  # above REFERENCE_EXACT: IVF lists
     base, ids = R.kind_vectors(kind, img, txt, gid, n_total)
     if kind == "joint":
