@@ -564,8 +564,7 @@ def raw_shard(task: ShardTask) -> dict:
             t2i[a:b] = caption_neighbours.agreement(img[a:b], txt[a:b], gid[a:b], ti,
                                                     lambda ids: source.take("img", ids), k)
             i2t[a:b] = caption_neighbours.agreement(txt[a:b], img[a:b], gid[a:b], ii,
-                                                    lambda ids: source.take("txt", ids), k,
-                                                    found=None if img_found is None else (img_found[0][a:b], img_found[1][a:b]))
+                                                    lambda ids: source.take("txt", ids), k, found=_rows_of(img_found, a, b))
         out["caption_neighbours"] = (1.0 - 0.5 * (t2i + i2t)).astype(np.float32)
     if "density" in dets:
         index = knn_index(st, "joint")
@@ -580,17 +579,20 @@ def raw_shard(task: ShardTask) -> dict:
         save_npy(Path(st["work"]) / f"kdist_{task.name}.npy", kd)
     if "kdistance" in dets:
         index = knn_index(st, "union")
-        if img_found is not None:  # the reference's union search, its image part already made
-            kd = density.kdistance_block(img, gid, rows.n, index=index, k=kk_union,
-                                         found=index.knn(img, kk_union + 2, image_found=img_found))
-        else:
-            kd = np.zeros(n, np.float32)
-            for a in range(0, n, block):
-                kd[a:a + block] = density.kdistance_block(img[a:a + block], gid[a:a + block], rows.n, index=index,
-                                                          k=kk_union)
+        kd = np.zeros(n, np.float32)
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            found = None if img_found is None else index.knn(img[a:b], kk_union + 2,  # its image part already made
+                                                             image_found=_rows_of(img_found, a, b))
+            kd[a:b] = density.kdistance_block(img[a:b], gid[a:b], rows.n, index=index, k=kk_union, found=found)
         out["kdistance"] = kd
     save_npz(Path(st["work"]) / f"raw_{task.name}.npz", **out)
     return _mark(st["work"], "raw", task.name, st["params_hash"], count=n)
+
+
+def _rows_of(found, a: int, b: int):
+    """Rows a:b of a (sims, ids) kNN result, or None."""
+    return None if found is None else (found[0][a:b], found[1][a:b])
 
 
 def _load_raw(st: dict, rows: Rows, task: ShardTask) -> dict:
