@@ -119,13 +119,18 @@ def test_failures_are_listed_after_the_others_finish(dask_address):
     assert res.skipped == ["a"] and res.results["b"]["name"] == "b"
 
 
-def test_local_workers_are_not_paused_for_memory_mapped_pages():
+def test_local_workers_are_not_paused_for_memory_mapped_pages(monkeypatch):
     """The local cluster runs without Dask's memory manager: it judges a worker by RSS, which
     counts the memory-mapped embedding files and inverted lists it has read (a 10M-pair scan hung
-    on a worker paused at 9.4 GB RSS, 9.0 GB of it file pages)."""
+    on a worker paused at 9.4 GB RSS, 9.0 GB of it file pages). Its workers keep glibc's malloc
+    tuning: Dask's MALLOC_TRIM_THRESHOLD_ would freeze the mmap threshold (twice the system time
+    in a sanitize task), and it does not leak into the client's environment either."""
     from mmsanitize.engine import dask_client
 
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     with dask_client(None, 1) as client:
+        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
         workers = client.scheduler_info()["workers"].values()
         assert [w["memory_limit"] for w in workers] == [0]
         status = client.run(lambda dask_worker: (dask_worker.memory_manager.memory_pause_fraction,
