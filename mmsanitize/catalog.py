@@ -6,7 +6,9 @@ hash of the bytes originally downloaded, before resizing; None when absent), off
 sample's byte range in the tar: its members, headers included, so one read fetches it). Per-shard parts live
 in a cache folder under `XDG_CACHE_HOME` (never beside the shards), each with a stats file holding
 the shard's content fingerprint, so a rerun rebuilds only shards that changed or were never finished.
-Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars.
+Planning steps (poison, scan thresholds, evaluation) read the catalog, never the tars. Beside each
+part, `NAME.rows.parquet` holds the shard's own parquet table (key, caption, json fields) when its
+json fields are plain, so poison and sanitize splice the shard by byte ranges without parsing it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 from .engine import map_shards
 from .errors import ShardError
-from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, parse_sample,
-                     sha256, shard_stem, write_json_atomic, write_parquet_atomic)
+from .shards import (ShardLayout, expand_shards, file_fingerprint, image_size, iter_raw_samples, json_fields,
+                     parse_sample, plain_rows_table, sha256, shard_stem, write_json_atomic, write_parquet_atomic,
+                     write_table_atomic)
 
-CATALOG_VERSION = 3
+CATALOG_VERSION = 5  # 5: the shard's own parquet rows (NAME.rows.parquet) and its json fields
 COLUMNS = ["key", "shard", "position", "caption", "label", "sha256", "width", "height", "bytes", "image_ext",
            "url", "source_sha256", "offset", "end"]
 
@@ -48,10 +51,16 @@ def catalog_dir(shard_paths: list[Path], cache_home: str | os.PathLike | None = 
 
 def catalog_rows(path: str | os.PathLike) -> list[dict]:
     """Read one shard fully and return its catalog rows (decodes every image once to check it)."""
+    return _catalog_rows(path)[0]
+
+
+def _catalog_rows(path: str | os.PathLike) -> tuple[list[dict], list[tuple[str, str, dict | None]]]:
+    """(catalog rows, (key, caption, json) per sample as the shard's own parquet takes them)."""
     shard = Path(path).name
-    rows = []
+    rows, samples = [], []
     for position, raw in enumerate(iter_raw_samples(path)):
         s = parse_sample(raw, shard)
+        samples.append((s.key, s.caption, s.meta))
         w, h = image_size(s.image, shard, s.key)
         meta = s.meta if isinstance(s.meta, dict) else {}
         label, url, source = (None if meta.get(f) is None else str(meta[f]) for f in ("label", "url", "sha256"))
@@ -61,19 +70,24 @@ def catalog_rows(path: str | os.PathLike) -> list[dict]:
             "bytes": len(s.image), "image_ext": s.image_ext, "url": url, "source_sha256": source,
             "offset": raw.start, "end": raw.end,
         })
-    return rows
+    return rows, samples
 
 
 def catalog_shard(task: CatalogTask) -> dict:
-    """Dask task: write `part_dir/NAME.parquet` then `NAME_stats.json` for one shard."""
+    """Dask task: write `part_dir/NAME.parquet` (+ `NAME.rows.parquet`, see `shard_layout`) then
+    `NAME_stats.json` for one shard."""
     import pandas as pd
 
-    rows = catalog_rows(task.path)
+    rows, samples = _catalog_rows(task.path)
     part_dir = Path(task.part_dir)
     part_dir.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows, columns=COLUMNS)
     write_parquet_atomic(df, part_dir / f"{task.name}.parquet")
     stats = {"count": len(rows), "input": file_fingerprint(task.path), "version": CATALOG_VERSION}
+    table = plain_rows_table(samples)
+    if table is not None:
+        write_table_atomic(table, part_dir / f"{task.name}.rows.parquet")
+        stats.update(rows="plain", json_fields=json_fields(samples[0][2]) if samples else None)
     write_json_atomic(part_dir / f"{task.name}_stats.json", stats)
     return stats
 
@@ -82,6 +96,30 @@ def catalogued(path: str | os.PathLike, part_dir: str | os.PathLike) -> bool:
     """True when `part_dir` holds a finished catalog part of shard `path` as it is now (same content
     fingerprint and catalog version): every sample of it then parsed and its image decoded."""
     return _part_done(CatalogTask(shard_stem(path), str(path), str(part_dir))) is not None
+
+
+def shard_layout(path: str | os.PathLike, part_dir: str | os.PathLike) -> ShardLayout | None:
+    """The `ShardLayout` of shard `path` from its finished catalog part (keys, byte ranges, the
+    table of its own parquet rows); None when the part is missing, stale or has no such table
+    (json fields that need pandas' inference are not stored). Lets a verb splice the shard
+    without parsing it (`rewrite_from_layout`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = shard_stem(path)
+    stats = _part_done(CatalogTask(name, str(path), str(part_dir)))
+    rows_path = Path(part_dir) / f"{name}.rows.parquet"
+    if stats is None or stats.get("rows") != "plain" or not rows_path.exists():
+        return None
+    try:
+        part = pq.read_table(Path(part_dir) / f"{name}.parquet", columns=["key", "offset", "end"])
+        rows = pq.read_table(rows_path)
+    except (OSError, ValueError, pa.ArrowException):  # a damaged cache file: parse the shard instead
+        return None
+    if rows.num_rows != part.num_rows:
+        return None
+    return ShardLayout(part.column("key").to_pylist(), part.column("offset").to_numpy(),
+                       part.column("end").to_numpy(), rows, stats.get("json_fields"))
 
 
 def _part_done(task: CatalogTask) -> dict | None:

@@ -42,6 +42,7 @@ class PoisonTask:
     # (origin, shard path, key, offset, end) of every sample the edits take an image or a json
     # from: read by the task itself, so no sample's bytes pass through the client
     reads: tuple = ()
+    catalog: str | None = None  # the dataset's catalog folder: the shard is spliced from its layout there
 
 
 def image_ref(edit) -> tuple[str, str, str]:
@@ -187,7 +188,8 @@ def poison_shard(task: PoisonTask) -> dict:
     Returns the shard stats plus `poisoned` and `sha256`.
     """
     from .attacks.perturb import perturb_image
-    from .shards import (Sample, file_fingerprint, image_size, rewrite_shard, sha256,
+    from .catalog import shard_layout
+    from .shards import (Sample, file_fingerprint, image_size, rewrite_from_layout, rewrite_shard, sha256,
                          write_json_atomic)
 
     samples = read_sources(task.reads)
@@ -211,8 +213,14 @@ def poison_shard(task: PoisonTask) -> dict:
     parts = Path(task.out_dir) / PARTS
     parts.mkdir(parents=True, exist_ok=True)
     write_json_atomic(parts / f"{task.name}.json", {"spec": task.spec_hash, "sha256": hashes})
-    stats = rewrite_shard(task.src, task.out_dir, task.name, replace=replace, append=append,
-                          stats_extra={"input": file_fingerprint(task.src), "spec": task.spec_hash})
+    extra = {"input": file_fingerprint(task.src), "spec": task.spec_hash}
+    layout = shard_layout(task.src, task.catalog) if task.catalog is not None else None
+    stats = None
+    if layout is not None:  # untouched samples copied by byte ranges, the shard not parsed again (same bytes)
+        stats = rewrite_from_layout(task.src, task.out_dir, task.name, layout, replace=replace, append=append,
+                                    stats_extra=extra)
+    if stats is None:
+        stats = rewrite_shard(task.src, task.out_dir, task.name, replace=replace, append=append, stats_extra=extra)
     return {**stats, "poisoned": len(task.edits), "sha256": hashes}
 
 
@@ -537,7 +545,8 @@ def poison_dataset(
     for name, p in zip(names, paths):
         edits = tuple(by_shard.get(p.name, ()))
         tasks.append(PoisonTask(name, str(p), str(out_dir), edits,
-                                _hash({"plan": full_hash, "edits": [_edit_dict(e) for e in edits]})))
+                                _hash({"plan": full_hash, "edits": [_edit_dict(e) for e in edits]}),
+                                catalog=str(parts.paths[0].parent)))
     done_file = out_dir / "poison.json"
     if not overwrite and done_file.exists():
         try:

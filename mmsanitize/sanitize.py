@@ -15,8 +15,8 @@ from pathlib import Path
 from .engine import map_shards
 from .errors import ShardError, UsageError
 from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, outputs_done, parse_sample,
-                     rewrite_shard, shard_stem,
-                     write_json_atomic, write_parquet_atomic, write_sizes)
+                     rewrite_from_layout, rewrite_shard, shard_stem, write_json_atomic, write_parquet_atomic,
+                     write_sizes)
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,17 @@ def sanitize_shard(task: SanitizeTask) -> dict:
     A shard with a finished catalog part for its current content has no invalid sample (the
     catalog parses every sample and decodes its image, and refuses the shard otherwise), so its
     images are not decoded again."""
-    from .catalog import catalogued
+    from .catalog import catalogued, shard_layout
 
     valid = task.catalog is not None and catalogued(task.path, task.catalog)
     invalid = {} if valid else {k: v for k, v in invalid_samples(task.path).items() if k not in task.drop}
     extra = {"input": file_fingerprint(task.path), "dropped": len(task.drop), "drop_hash": task.drop_hash,
              "invalid": len(invalid)}
+    layout = shard_layout(task.path, task.catalog) if valid else None
+    if layout is not None:  # copied by byte ranges, not parsed again (same bytes)
+        stats = rewrite_from_layout(task.path, task.out, task.name, layout, drop=task.drop, stats_extra=extra)
+        if stats is not None:
+            return stats
     return rewrite_shard(task.path, task.out, task.name, drop=(*task.drop, *invalid), stats_extra=extra)
 
 

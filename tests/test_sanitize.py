@@ -98,3 +98,50 @@ def test_drop_label_nobody_carries_is_refused(tiny_dataset, tmp_path, dask_addre
               "--scheduler", dask_address])
     assert e.value.code == 2
     assert "no sample is labelled 'no-such-class'" in capsys.readouterr().err
+
+
+def test_catalogued_shards_are_copied_by_range_with_the_bytes_of_a_parse(tmp_path, monkeypatch):
+    """A shard with a finished catalog part is written from the catalog's byte ranges and stored
+    parquet rows, never parsed again: the same tar, parquet and stats bytes as the parsing path for
+    drops at the start, middle and end; a shard whose json needs pandas has no stored rows and is
+    parsed; a key that is not in the shard fails the same way on both paths."""
+    from conftest import make_dataset, make_image
+
+    from mmsanitize import catalog as catalog_mod
+    from mmsanitize import sanitize as sanitize_mod
+    from mmsanitize.catalog import build_catalog, shard_layout
+    from mmsanitize.errors import ShardError
+    from mmsanitize.sanitize import SanitizeTask, _drop_hash, sanitize_shard
+    from mmsanitize.shards import Sample, ShardWriter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    make_dataset(data, n_shards=1)
+    shard = data / "00000.tar"
+    with ShardWriter(data, "00001") as w:  # json fields differ between samples: pandas' inference
+        for j in range(6):
+            w.write(Sample(f"x{j}", make_image("dog", j), "jpg", f"caption {j}", {"a": j} if j % 2 else {"b": "s"}))
+    cat = tmp_path / "cat"
+    build_catalog([shard, data / "00001.tar"], cache_dir=cat, workers=1)
+    layout = shard_layout(shard, cat)
+    assert layout is not None and layout.rows.num_rows == 12
+    keys = layout.keys
+
+    def run(drop, parsed: bool):
+        out = tmp_path / ("parsed" if parsed else "ranges")
+        with monkeypatch.context() as m:
+            if parsed:
+                m.setattr(catalog_mod, "shard_layout", lambda *a: None)
+            else:
+                m.setattr(sanitize_mod, "rewrite_shard", lambda *a, **k: pytest.fail("parsed a catalogued shard"))
+            sanitize_shard(SanitizeTask("00000", str(shard), str(out), drop, _drop_hash(drop), str(cat)))
+        return [(out / f"00000{e}").read_bytes() for e in (".tar", ".parquet", "_stats.json")]
+
+    for drop in [(keys[0],), (keys[3], keys[4], keys[9]), (keys[-1],), tuple(keys[1:-1])]:
+        assert run(drop, parsed=False) == run(drop, parsed=True), drop
+    for parsed in (False, True):
+        with pytest.raises(ShardError, match="key nope: key to rewrite not found in shard"):
+            run((keys[0], "nope"), parsed)
+    assert shard_layout(data / "00001.tar", cat) is None and catalog_mod.catalogued(data / "00001.tar", cat)
+    (cat / "00000.rows.parquet").write_bytes(b"not parquet")  # a damaged cache: the shard is parsed
+    assert shard_layout(shard, cat) is None

@@ -380,3 +380,129 @@ def test_shard_parquet_from_columns_equals_pandas_rows(case, monkeypatch):
     monkeypatch.setattr(shards, "_rows_table_by_rows", lambda r: calls.append(1) or real(r))
     assert outcome(shards.rows_table) == want
     assert bool(calls) == (not direct)
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_rows_from_the_stored_table_equal_the_table_of_the_rows(case):
+    """What sanitize and poison write for a catalogued shard (the stored table of every row, read
+    back from parquet, sliced, with new samples' rows put in) has the bytes of `rows_table` of
+    those rows: for every subset of the rows ("floats and bools" leaves a str/None column with
+    only None) and with a new row in the middle and at the end whose values are of the same, a
+    narrower or another type (then None: pandas' inference). The pandas cases store no table."""
+    import pyarrow.parquet as pq
+
+    from mmsanitize.shards import layout_rows_table, plain_rows_table, rows_table
+
+    metas, direct = ROW_CASES[case]
+    rows = [(f"{i:04d}", f"caption {i}", m) for i, m in enumerate(metas)]
+    table = plain_rows_table(rows)
+    assert (table is not None) == direct
+    if table is None:
+        return
+    stored = pq.read_table(io.BytesIO(_parquet_bytes(table)))
+    for mask in range(1, 2 ** len(rows)):
+        keep = [i for i in range(len(rows)) if mask >> i & 1]
+        pieces = [(0, i, i + 1) for i in keep]  # (one piece per row: runs are joined the same way)
+        want = _parquet_bytes(rows_table([rows[i] for i in keep]))
+        assert _parquet_bytes(layout_rows_table(stored, pieces)) == want, keep
+    metas_new = [metas[0], metas[0] and {f: None for f in metas[0]}, metas[0] and {f: "s" for f in metas[0]},
+                 metas[0] and {f: 7 for f in metas[0]}]
+    for meta in metas_new:
+        extra = [("n1", "new 1", meta), ("n2", "new 2", meta)]
+        new = plain_rows_table(extra)
+        if new is None:
+            continue
+        pieces = [(0, 0, 2), (1, 0, 1), (0, 3, 6), (1, 1, 2)]
+        want_rows = [*rows[:2], extra[0], *rows[3:], extra[1]]
+        got = layout_rows_table(stored, pieces, new)
+        want = plain_rows_table(want_rows)
+        assert (got is None) == (want is None), meta
+        if got is not None:
+            assert _parquet_bytes(got) == _parquet_bytes(want), meta
+
+
+def _layout(path):
+    """A shard's ShardLayout built by parsing it (what its catalog part stores)."""
+    import numpy as np
+
+    from mmsanitize.shards import ShardLayout, json_fields, parse_sample, plain_rows_table
+
+    raws = list(iter_raw_samples(path))
+    samples = [parse_sample(r, path.name) for r in raws]
+    return ShardLayout([r.key for r in raws], np.array([r.start for r in raws]), np.array([r.end for r in raws]),
+                       plain_rows_table([(s.key, s.caption, s.meta) for s in samples]), json_fields(samples[0].meta))
+
+
+def test_rewrite_from_layout_writes_the_bytes_and_raises_the_errors_of_rewrite_shard(tmp_path):
+    """Splicing from the catalog's layout (poison, sanitize) writes what parsing the shard writes
+    (tar, parquet, stats) for replacements, drops and appends anywhere, raises the same one-line
+    errors, and declines (None, nothing written) when a new sample's json would need pandas."""
+    from mmsanitize.shards import rewrite_from_layout, rewrite_shard
+
+    src = make_dataset(tmp_path / "data", n_shards=1, per_shard=8)[0]
+    layout = _layout(src)
+    keys = layout.keys
+
+    def new(key, meta="same"):
+        meta = {"key": key, "label": "boat"} if meta == "same" else meta  # the fields of make_dataset's json
+        return Sample(key, make_image("boat", 99), "jpg", f"a new caption for {key}", meta)
+
+    def outcome(fn, out, **edits):
+        try:
+            stats = fn(out, **edits)
+        except ShardError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - pyarrow refuses a str/int column (the pandas path)
+            return type(e)
+        if stats is None:
+            return None
+        return [(out / f"00000{e}").read_bytes() for e in (".tar", ".parquet", "_stats.json")]
+
+    def both(**edits):
+        layout_out, parsed_out = tmp_path / "layout", tmp_path / "parsed"
+        for d in (layout_out, parsed_out):
+            for f in d.glob("*") if d.exists() else ():
+                f.unlink()
+        got = outcome(lambda out, **e: rewrite_from_layout(src, out, "00000", layout, stats_extra={"x": 1}, **e),
+                      layout_out, **edits)
+        want = outcome(lambda out, **e: rewrite_shard(src, out, "00000", stats_extra={"x": 1}, **e), parsed_out, **edits)
+        return got, want
+
+    cases = [
+        {"replace": {keys[3]: new("p1")}},
+        {"replace": {keys[0]: new("p0"), keys[7]: new(keys[7])}, "drop": [keys[4]], "append": [new("a1"), new("a2")]},
+        {"drop": [keys[1], keys[2], keys[6]]},
+        {"append": [new("a1")]},
+        {"replace": {keys[2]: new(keys[5])}},  # the new key is a later kept key
+        {"replace": {keys[5]: new(keys[1])}},  # the new key is an earlier kept key
+        {"drop": [keys[0], "nope"]},
+        {"append": [new(keys[3])]},
+        {"replace": {keys[1]: new("bad/key")}},
+        {"drop": list(keys)},
+    ]
+    for edits in cases:
+        got, want = both(**edits)
+        assert got == want, edits
+    assert isinstance(both(replace={keys[3]: new("p1")})[0], list)
+    assert "duplicate key in output shard" in both(append=[new(keys[3])])[0]
+    for meta in ({"key": "x", "label": 3}, {"label": "boat", "key": "x"}, None, {"label": "boat"}):
+        got, want = both(replace={keys[3]: new("p1", meta)})
+        assert got is None and want is not None, meta
+        assert not (tmp_path / "layout" / "00000.tar").exists()
+
+
+def test_tar_header_from_its_template_equals_tarfiles_header():
+    """The template header (names up to 100 UTF-8 bytes, sizes below 8 GiB) is byte for byte the
+    header tarfile builds; longer names and larger sizes go to tarfile itself."""
+    import random
+
+    from mmsanitize import shards
+
+    names = ["", "a", "x" * 100, "x" * 101, "é" * 50, "é" * 51, "000000001.jpg", "k/ey.txt", "日本語.png"]
+    sizes = [0, 1, 511, 512, 10**6, 8**11 - 1, 8**11, 2**40]
+    rng = random.Random(0)
+    cases = [(n, s) for n in names for s in sizes]
+    cases += [("".join(rng.choice("abcé/._-09日") for _ in range(rng.randint(0, 60))), rng.randint(0, 8**11 + 5))
+              for _ in range(500)]
+    for name, size in cases:
+        assert shards.tar_header(name, size) == shards._tarfile_header(name, size), (name, size)
