@@ -154,10 +154,8 @@ def catalog_parts(
     workers: int | None = None,
     retries: int = 1,
     cache_dir: str | os.PathLike | None = None,
-    client=None,
 ) -> CatalogParts:
     """Catalog a dataset (finished shards skipped: their fingerprint matches) and return its parts.
-    `client` (a Dask client or `engine.ClientSoon`) runs the tasks instead of a new cluster.
 
     The client reads only the `key` column (as Arrow) to refuse a key that appears in two shards
     (and the `shard` column when one does), and writes the joined table `<cache>/catalog.parquet` part by part when
@@ -173,7 +171,7 @@ def catalog_parts(
         raise ShardError(paths[0].parent, "two shards share a name; shard names must be unique")
     tasks = [CatalogTask(n, str(p), str(part_dir)) for n, p in zip(names, paths)]
     run = map_shards(catalog_shard, tasks, is_done=_part_done, scheduler=scheduler, workers=workers,
-                     retries=retries, desc="catalog", client=client)
+                     retries=retries, desc="catalog")
     parts = tuple(part_dir / f"{t.name}.parquet" for t in tasks)
     inputs = tuple(run.results[t.name]["input"]["sha256"] for t in tasks)
     checked = part_dir / "unique_keys.json"  # the check passed for exactly these shard contents

@@ -14,12 +14,9 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import MmsanitizeError, escape
-
-if TYPE_CHECKING:
-    from typing import Self
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
@@ -104,44 +101,6 @@ def _local_cluster(workers: int | None) -> Any:
         # 9.4 GB RSS (9.0 GB of it file pages the kernel can drop) and the scan waited forever
         memory_limit=0,
     )
-
-
-class ClientSoon:
-    """`dask_client(scheduler, workers)` started in a background thread now, so that a verb's
-    planning on the client overlaps the cluster's start-up; `get()` waits for the client (and
-    raises what starting it raised). A context manager: on exit the start is waited for and the
-    client and its cluster are closed. Pass it as `map_shards(client=...)`; shards all done
-    earlier never wait for it."""
-
-    def __init__(self, scheduler: str | None = None, workers: int | None = None):
-        import threading
-
-        self._stack = contextlib.ExitStack()
-        self._client: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, args=(scheduler, workers), daemon=True,
-                                        name="mmsanitize-cluster-start")
-        self._thread.start()
-
-    def _start(self, scheduler: str | None, workers: int | None) -> None:
-        try:
-            self._client = self._stack.enter_context(dask_client(scheduler, workers))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread by get()
-            self._error = e
-
-    def get(self) -> Any:
-        """The started client (waits for the start)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._client
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._thread.join()
-        self._stack.close()
 
 
 PROGRESS_TOPIC = "mmsanitize-progress"
@@ -332,8 +291,7 @@ def map_shards(
 
     `is_done(task)` returns a truthy previous result (reused as the task's result) or falsy.
     Failed tasks are retried `retries` times; when some still fail, the others finish first and
-    then EngineError lists every failed shard. Returns a RunResult keyed by `task.name`. `client`
-    (a Client or a `ClientSoon`) is used instead of starting one from `scheduler`/`workers`.
+    then EngineError lists every failed shard. Returns a RunResult keyed by `task.name`.
     """
     t0 = time.monotonic()
     results: dict[str, Any] = {}
@@ -356,8 +314,6 @@ def map_shards(
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(dask_client(scheduler, workers))
-        elif isinstance(client, ClientSoon):
-            client = client.get()
         from distributed import as_completed
 
         progress.attach(client, [t.name for t in pending])

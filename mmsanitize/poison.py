@@ -9,7 +9,6 @@ temporary shards (folder pools) and catalog live in `_poison_pool/`, removed at 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -451,7 +450,7 @@ def poison_dataset(
     from .attacks.perturb import Perturbation, check_kind
     from .attacks.plan import MODES, AttackSpec
     from .catalog import catalog_parts, content_hash, read_catalog
-    from .engine import ClientSoon, map_shards
+    from .engine import map_shards
     from .shards import expand_shards, shard_stem, write_json_atomic, write_parquet_atomic, write_sizes
 
     if attack not in ATTACKS:
@@ -530,54 +529,51 @@ def poison_dataset(
     except BaseException:
         _remove_pool_work(out_dir, created_out)
         raise
-    done_file = out_dir / "poison.json"
-    # the cluster starts while the tasks are planned (not when a finished run may only be checked)
-    early = overwrite or not done_file.exists()
-    with ClientSoon(scheduler, workers) if early else contextlib.nullcontext() as soon:
-        if perturb is not None:
-            plan.edits = [replace(e, perturb=Perturbation(perturb, int(seed), i)) for i, e in enumerate(plan.edits)]
+    if perturb is not None:
+        plan.edits = [replace(e, perturb=Perturbation(perturb, int(seed), i)) for i, e in enumerate(plan.edits)]
 
-        spec_dict = {**asdict(spec), "goals": [f"{a or 'any'}2{b or 'one'}" for a, b in spec.goals],
-                     "label_from": label_from, "images_from": images_from, "perturb": perturb}
-        if labelling is not None:
-            spec_dict["labels"] = {"model": label_model, "margin": label_margin}
-        fingerprint = content_hash(parts)  # = _hash of the (key, shard, sha256, caption) rows
-        full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
-                           "pool": pool.info["fingerprint"] if pool else None})
-        by_shard = plan.by_shard()
-        shard_paths = {p.name: str(p) for p in paths}
-        tasks = []
-        for name, p in zip(names, paths):
-            edits = tuple(by_shard.get(p.name, ()))
-            tasks.append(PoisonTask(name, str(p), str(out_dir), edits,
-                                    _hash({"plan": full_hash, "edits": [_edit_dict(e) for e in edits]}),
-                                    catalog=str(parts.paths[0].parent)))
-        if not overwrite and done_file.exists():
-            try:
-                prev = json.loads(done_file.read_text())
-            except json.JSONDecodeError:
-                prev = None
-            from .shards import file_fingerprint, outputs_done
-            if prev and prev.get("spec_hash") == full_hash and all(
-                    outputs_done(out_dir, t.name, input=file_fingerprint(t.src), spec=t.spec_hash) for t in tasks):
-                _remove_pool_work(out_dir, False)
-                return prev
-        mark_out(out_dir, "poison", paths)
-        for stale in ("poison.json", "manifest.parquet", "sizes.json"):
-            (out_dir / stale).unlink(missing_ok=True)
-        results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
-        pending = [t for t in tasks if t.name not in results]
-        if pending:
-            # each shard's task reads the samples its edits need at their catalogued byte ranges
-            refs = {ref for t in pending for e in t.edits for ref in (template_ref(e), image_ref(e))}
-            ranges = {o: _byte_ranges(cat, {(n, k) for o2, n, k in refs if o2 == o})
-                      for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
-            src_paths = {"dataset": shard_paths, "pool": pool.paths if pool else {}}
-            pending = [replace(t, reads=tuple(sorted({(o, src_paths[o][n], k, *ranges[o][(n, k)])
-                                                      for e in t.edits for o, n, k in (template_ref(e), image_ref(e))})))
-                       for t in pending]
-            run = map_shards(poison_shard, pending, client=soon, retries=retries, desc="poison")
-            results.update(run.results)
+    spec_dict = {**asdict(spec), "goals": [f"{a or 'any'}2{b or 'one'}" for a, b in spec.goals],
+                 "label_from": label_from, "images_from": images_from, "perturb": perturb}
+    if labelling is not None:
+        spec_dict["labels"] = {"model": label_model, "margin": label_margin}
+    fingerprint = content_hash(parts)  # = _hash of the (key, shard, sha256, caption) rows
+    full_hash = _hash({"spec": spec_dict, "catalog": fingerprint,
+                       "pool": pool.info["fingerprint"] if pool else None})
+    by_shard = plan.by_shard()
+    shard_paths = {p.name: str(p) for p in paths}
+    tasks = []
+    for name, p in zip(names, paths):
+        edits = tuple(by_shard.get(p.name, ()))
+        tasks.append(PoisonTask(name, str(p), str(out_dir), edits,
+                                _hash({"plan": full_hash, "edits": [_edit_dict(e) for e in edits]}),
+                                catalog=str(parts.paths[0].parent)))
+    done_file = out_dir / "poison.json"
+    if not overwrite and done_file.exists():
+        try:
+            prev = json.loads(done_file.read_text())
+        except json.JSONDecodeError:
+            prev = None
+        from .shards import file_fingerprint, outputs_done
+        if prev and prev.get("spec_hash") == full_hash and all(
+                outputs_done(out_dir, t.name, input=file_fingerprint(t.src), spec=t.spec_hash) for t in tasks):
+            _remove_pool_work(out_dir, False)
+            return prev
+    mark_out(out_dir, "poison", paths)
+    for stale in ("poison.json", "manifest.parquet", "sizes.json"):
+        (out_dir / stale).unlink(missing_ok=True)
+    results = {} if overwrite else {t.name: r for t in tasks if (r := _shard_done(t))}
+    pending = [t for t in tasks if t.name not in results]
+    if pending:
+        # each shard's task reads the samples its edits need at their catalogued byte ranges
+        refs = {ref for t in pending for e in t.edits for ref in (template_ref(e), image_ref(e))}
+        ranges = {o: _byte_ranges(cat, {(n, k) for o2, n, k in refs if o2 == o})
+                  for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
+        src_paths = {"dataset": shard_paths, "pool": pool.paths if pool else {}}
+        pending = [replace(t, reads=tuple(sorted({(o, src_paths[o][n], k, *ranges[o][(n, k)])
+                                                  for e in t.edits for o, n, k in (template_ref(e), image_ref(e))})))
+                   for t in pending]
+        run = map_shards(poison_shard, pending, scheduler=scheduler, workers=workers, retries=retries, desc="poison")
+        results.update(run.results)
 
     import pandas as pd
 

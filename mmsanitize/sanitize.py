@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine import ClientSoon, map_shards
+from .engine import map_shards
 from .errors import ShardError, UsageError
 from .shards import (expand_shards, file_fingerprint, image_size, iter_raw_samples, outputs_done, parse_sample,
                      rewrite_from_layout, rewrite_shard, shard_stem, write_json_atomic, write_parquet_atomic,
@@ -105,50 +105,48 @@ def sanitize(
     if scan is None and verify is None and not drop_labels:
         raise UsageError("give --scan DIR (mmsanitize scan), --verify DIR (mmsanitize verify) and/or --drop-label LABEL")
     names = {shard_stem(p): p for p in paths}
-    scores_path = None if scan is None else Path(scan) / "scores.parquet"
+    rows, scanned = None, None
     if scan is not None:
+        scores_path = Path(scan) / "scores.parquet"
         if not scores_path.exists():
             raise UsageError(f"{scan} is not a scan folder (no scores.parquet; `mmsanitize scan SHARDS --model REF "
                              f"--threshold auto --out {scan}` creates it)")
         from .outputs import check_artifact
 
         check_artifact(scan, "scan", paths, "--scan")
-    # the cluster starts while the flags are read and merged
-    with ClientSoon(scheduler, workers) as soon:
-        rows, scanned = None, None
-        if scan is not None:
-            try:
-                scanned, rows = _scan_flags(scores_path, full=verify is not None or bool(drop_labels))
-            except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
-                raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
-            missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
-            if missing:
-                raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
-        extra = [_verify_drops(verify, drop, names)] if verify is not None else []
-        extra += [_label_drops(paths, drop_labels, soon)] if drop_labels else []
-        for flags in extra:
-            if rows is None:
-                rows, scanned = flags, flags.groupby("shard").size().to_dict()
-            else:
-                rows = _merge_flags(rows, flags)
-        flagged = rows[rows["flagged"]]
-        flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
-        by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
-        for shard, keys in by_shard.items():
-            if len(keys) == scanned.get(shard):
-                raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
-        from .outputs import claim_out, input_bytes
+        try:
+            scanned, rows = _scan_flags(scores_path, full=verify is not None or bool(drop_labels))
+        except Exception as e:  # noqa: BLE001 - any parquet/arrow failure is a bad user file
+            raise UsageError(f"{scores_path} is not a readable scan ({type(e).__name__})") from None
+        missing = sorted(f"{n}.tar" for n in names if f"{n}.tar" not in scanned)
+        if missing:
+            raise UsageError(f"scan {scan} does not cover shard {missing[0]} ({len(missing)} shard(s) missing)")
+    extra = [_verify_drops(verify, drop, names)] if verify is not None else []
+    extra += [_label_drops(paths, drop_labels, scheduler, workers)] if drop_labels else []
+    for flags in extra:
+        if rows is None:
+            rows, scanned = flags, flags.groupby("shard").size().to_dict()
+        else:
+            rows = _merge_flags(rows, flags)
+    flagged = rows[rows["flagged"]]
+    flagged = flagged[flagged["shard"].isin({f"{n}.tar" for n in names})]
+    by_shard = {s: tuple(sorted(g["key"])) for s, g in flagged.groupby("shard")}
+    for shard, keys in by_shard.items():
+        if len(keys) == scanned.get(shard):
+            raise UsageError(f"every sample of shard {shard} is flagged; refusing to write an empty shard")
+    from .outputs import claim_out, input_bytes
 
-        claim_out(out, "sanitize", paths, need_bytes=input_bytes(paths) * 11 // 10)
-        from .catalog import catalog_dir
+    claim_out(out, "sanitize", paths, need_bytes=input_bytes(paths) * 11 // 10)
+    from .catalog import catalog_dir
 
-        parts = catalog_dir(paths)
-        parts = str(parts) if parts.is_dir() else None
-        tasks = []
-        for n, p in names.items():
-            drop = by_shard.get(f"{n}.tar", ())
-            tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop), parts))
-        res = map_shards(sanitize_shard, tasks, is_done=_done, client=soon, retries=retries, desc="sanitize")
+    parts = catalog_dir(paths)
+    parts = str(parts) if parts.is_dir() else None
+    tasks = []
+    for n, p in names.items():
+        drop = by_shard.get(f"{n}.tar", ())
+        tasks.append(SanitizeTask(n, str(Path(p).resolve()), str(out.resolve()), drop, _drop_hash(drop), parts))
+    res = map_shards(sanitize_shard, tasks, is_done=_done, scheduler=scheduler, workers=workers,
+                     retries=retries, desc="sanitize")
     write_sizes(out)
     removed = flagged.sort_values(["shard", "key"], kind="stable").reset_index(drop=True)
     write_parquet_atomic(removed[["key", "shard", "combined", "reason"]], out / "removed.parquet")
@@ -199,14 +197,14 @@ def _verify_drops(verify, drop, names: dict):
                          "flagged": flags["status"].notna(), "reason": ("verify: " + flags["status"]).fillna("")})
 
 
-def _label_drops(paths: list, labels: tuple[str, ...], client):
+def _label_drops(paths: list, labels: tuple[str, ...], scheduler, workers):
     """The catalog's rows as scores-like flags: flagged when the sample's `label` is in `labels`.
     Raises UsageError for a label no sample carries (a typo would otherwise drop nothing)."""
     import pandas as pd
 
     from .catalog import catalog_parts, read_catalog
 
-    cat = read_catalog(catalog_parts(paths, client=client), columns=["key", "shard", "label"])
+    cat = read_catalog(catalog_parts(paths, scheduler=scheduler, workers=workers), columns=["key", "shard", "label"])
     present = set(cat["label"].dropna())
     unknown = [x for x in labels if x not in present]
     if unknown:

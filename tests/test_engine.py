@@ -136,24 +136,3 @@ def test_local_workers_are_not_paused_for_memory_mapped_pages(monkeypatch):
         status = client.run(lambda dask_worker: (dask_worker.memory_manager.memory_pause_fraction,
                                                  dask_worker.memory_manager.memory_limit))
         assert all(limit is None or limit == 0 for _, limit in status.values())
-
-
-def test_client_soon_starts_in_the_background_and_is_closed_on_exit():
-    """A verb starts the cluster while it plans (`ClientSoon`); map_shards waits for it only when
-    some shard is not done, a start that failed raises in the caller's thread as one line, and
-    leaving the block closes the client and its cluster."""
-    from mmsanitize.engine import ClientSoon
-    from mmsanitize.errors import MmsanitizeError
-
-    with ClientSoon(None, 1) as soon:
-        res = map_shards(flaky, [Task("a"), Task("b")], client=soon)
-        client = soon.get()
-        assert res.results["b"]["name"] == "b" and client.status == "running"
-        assert len(client.scheduler_info()["workers"]) == 1
-    assert client.status == "closed"
-
-    with ClientSoon("nosuchscheme://127.0.0.1:1") as bad:  # refused at once
-        done = map_shards(flaky, [Task("a")], client=bad, is_done=lambda t: {"count": 0})
-        assert done.skipped == ["a"]  # everything done: the failed start is never waited for
-        with pytest.raises(MmsanitizeError, match="cannot reach Dask scheduler"):
-            map_shards(flaky, [Task("a")], client=bad)
