@@ -1177,8 +1177,10 @@ def rewrite_from_layout(
         if any(json_fields(s.meta) != layout.fields for s in new_samples):
             return None
         new = plain_rows_table([(s.key, s.caption, s.meta) for s in new_samples])
-        if new is None or _rows_schema(layout.rows, new) is None:
+        if new is None:
             return None
+    if _rows_schema(layout.rows, new) is None:  # checked before writing: layout_rows_table then gives a table
+        return None
     order = {k: i for i, k in enumerate(replace)}  # a replacement's row in `new`
     shard = Path(src).name
     edited = drop | replace.keys()

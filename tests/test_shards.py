@@ -489,6 +489,12 @@ def test_rewrite_from_layout_writes_the_bytes_and_raises_the_errors_of_rewrite_s
         got, want = both(replace={keys[3]: new("p1", meta)})
         assert got is None and want is not None, meta
         assert not (tmp_path / "layout" / "00000.tar").exists()
+    # stored rows that are not a plain table (a damaged or foreign cache): declined before anything is written
+    import pyarrow as pa
+
+    odd = layout._replace(rows=layout.rows.append_column("tags", pa.array([[1]] * len(keys))))
+    assert rewrite_from_layout(src, tmp_path / "odd", "00000", odd, drop=[keys[1]]) is None
+    assert not (tmp_path / "odd" / "00000.tar").exists()
 
 
 def test_tar_header_from_its_template_equals_tarfiles_header():
