@@ -63,7 +63,7 @@ def main() -> None:
     print(f"{len(shards)} shards, {total / 1e9:.2f} GB; shift {args.shift} bytes; {args.runs} runs, alternating")
     times: dict[str, list[float]] = {"cp -r": [], "same offsets": [], "shifted": []}
     for run in range(args.runs):
-        for name in times:
+        for name, runs in times.items():
             shutil.rmtree(scratch, ignore_errors=True)
             warm(shards)
             if name == "cp -r":
@@ -72,7 +72,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t
             else:
                 seconds = copy_all(shards, scratch, 0 if name == "same offsets" else args.shift)
-            times[name].append(seconds)
+            runs.append(seconds)
             print(f"  run {run + 1}: {name}: {seconds:.2f} s ({total / seconds / 1e9:.2f} GB/s)", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     print("\n| copy | median s | runs s |\n|---|---|---|")
