@@ -112,8 +112,10 @@ def shard_layout(path: str | os.PathLike, part_dir: str | os.PathLike) -> ShardL
     if stats is None or stats.get("rows") != "plain" or not rows_path.exists():
         return None
     try:
-        part = pq.read_table(Path(part_dir) / f"{name}.parquet", columns=["key", "offset", "end"])
-        rows = pq.read_table(rows_path)
+        with pq.ParquetFile(Path(part_dir) / f"{name}.parquet") as f:  # not read_table: no dataset discovery
+            part = f.read(columns=["key", "offset", "end"])
+        with pq.ParquetFile(rows_path) as f:
+            rows = f.read()
     except (OSError, ValueError, pa.ArrowException):  # a damaged cache file: parse the shard instead
         return None
     if rows.num_rows != part.num_rows:

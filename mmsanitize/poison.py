@@ -39,8 +39,9 @@ class PoisonTask:
     out_dir: str
     edits: tuple
     spec_hash: str
-    # (origin, shard path, key, offset, end) of every sample the edits take an image or a json
-    # from: read by the task itself, so no sample's bytes pass through the client
+    # (origin, shard path, key, offset, end, width, height) of every sample the edits take an image
+    # or a json from, as catalogued: read by the task itself, so no sample's bytes pass through
+    # the client
     reads: tuple = ()
     catalog: str | None = None  # the dataset's catalog folder: the shard is spliced from its layout there
 
@@ -170,7 +171,7 @@ def read_sources(reads) -> dict:
     """The samples named by a PoisonTask's `reads`, keyed (origin, shard file name, key): one
     `read_ranges` per source shard."""
     by_path: dict = {}
-    for origin, path, key, start, end in reads:
+    for origin, path, key, start, end, *_ in reads:
         by_path.setdefault((origin, path), []).append((key, (start, end)))
     samples = {}
     for (origin, path), items in by_path.items():
@@ -193,6 +194,7 @@ def poison_shard(task: PoisonTask) -> dict:
                          write_json_atomic)
 
     samples = read_sources(task.reads)
+    sizes = {(origin, Path(path).name, key): (w, h) for origin, path, key, _, _, w, h in task.reads}
     replace, append, hashes = {}, [], {}
     for e in task.edits:
         src = samples[image_ref(e)]
@@ -201,7 +203,10 @@ def poison_shard(task: PoisonTask) -> dict:
             image, ext = apply_trigger(image, ext, e.trigger, e.image_source[0], e.image_source[1])
         if e.perturb is not None:
             image, ext = perturb_image(image, ext, e.perturb, e.image_source[0], e.image_source[1])
-        w, h = image_size(image, e.image_source[0], e.image_source[1])
+        if e.trigger is None and e.perturb is None:  # the stored image, decoded when it was catalogued
+            w, h = sizes[image_ref(e)]
+        else:
+            w, h = image_size(image, e.image_source[0], e.image_source[1])
         tmpl = samples[template_ref(e)]
         meta = rewrite_meta(tmpl.meta, src.meta, key=e.key, caption=e.caption, image=image, width=w, height=h)
         sample = Sample(e.key, image, ext, e.caption, meta, dict(tmpl.extras))
@@ -326,10 +331,11 @@ def make_plan(catalog, spec, label_from: str = "field", pool_catalog=None):
     return planner(catalog, spec, masks, pool=ImagePool(pool_catalog, pool_masks))
 
 
-def _byte_ranges(catalog, refs: set) -> dict:
-    """(shard, key) -> (offset, end) from the catalog, for the samples `refs` only."""
+def _source_rows(catalog, refs: set) -> dict:
+    """(shard, key) -> (offset, end, width, height) from the catalog, for the samples `refs` only."""
     sub = catalog[catalog["key"].isin({k for _, k in refs})]
-    return {(s, k): (int(o), int(e)) for s, k, o, e in sub[["shard", "key", "offset", "end"]].itertuples(index=False)
+    return {(s, k): (int(o), int(e), int(w), int(h))
+            for s, k, o, e, w, h in sub[["shard", "key", "offset", "end", "width", "height"]].itertuples(index=False)
             if (s, k) in refs}
 
 
@@ -348,9 +354,9 @@ def plan_columns(attack: str, label_from: str, *, need_sha256: bool) -> list[str
     the catalog may not have, so that the error lists the columns)."""
     from .catalog import COLUMNS
 
-    columns = ["key", "shard", "caption", "label", "offset", "end"]  # label: `field`, and `keywords`' class list
-    if attack in ("patch", "blended", "label-consistent"):
-        columns += ["width", "height"]  # trigger positions
+    # label: `field`, and `keywords`' class list; width/height: trigger positions, and the sizes of
+    # the images that move unchanged (the tasks then need not decode them again)
+    columns = ["key", "shard", "caption", "label", "offset", "end", "width", "height"]
     if need_sha256:
         columns.append("sha256")
     if label_from.startswith("column:"):
@@ -566,7 +572,7 @@ def poison_dataset(
     if pending:
         # each shard's task reads the samples its edits need at their catalogued byte ranges
         refs = {ref for t in pending for e in t.edits for ref in (template_ref(e), image_ref(e))}
-        ranges = {o: _byte_ranges(cat, {(n, k) for o2, n, k in refs if o2 == o})
+        ranges = {o: _source_rows(cat, {(n, k) for o2, n, k in refs if o2 == o})
                   for o, cat in (("dataset", catalog), ("pool", pool.catalog if pool else None)) if cat is not None}
         src_paths = {"dataset": shard_paths, "pool": pool.paths if pool else {}}
         pending = [replace(t, reads=tuple(sorted({(o, src_paths[o][n], k, *ranges[o][(n, k)])

@@ -3,6 +3,7 @@ and (slow) open_clip's own trainer reading the poisoned output."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -13,27 +14,37 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from conftest import CLASSES, make_image
 from mmsanitize.catalog import build_catalog
 from mmsanitize.cli import main
 from mmsanitize.poison import poison_dataset
-from mmsanitize.shards import Sample, ShardWriter, iter_raw_samples, parse_sample, sha256, write_sizes
+from mmsanitize.shards import Sample, ShardWriter, image_size, iter_raw_samples, parse_sample, sha256, write_sizes
 
 
 def make_rich_dataset(out: Path, n_shards: int = 3, per_shard: int = 12, size: int = 32,
-                      caption: str = "a photo of a {label} number {i}", unlabelled: tuple = ()) -> Path:
+                      caption: str = "a photo of a {label} number {i}", unlabelled: tuple = (),
+                      vary_size: bool = False) -> Path:
     """Shards whose json carries img2dataset-like fields describing the image (width, height, sha256);
-    the json of shards numbered in `unlabelled` has no label."""
+    the json of shards numbered in `unlabelled` has no label. `vary_size`: images size x size,
+    (size + 8) x size and (size + 16) x size in turn."""
     i = 0
     for s in range(n_shards):
         with ShardWriter(out, f"{s:05d}") as w:
             for j in range(per_shard):
                 label = CLASSES[i % len(CLASSES)]
                 key = f"{s:05d}{j:04d}"
-                img = make_image(label, i, size=size)
+                width = size + 8 * (i % 3) if vary_size else size
+                img = make_image(label, i, size=width)
+                if width != size:
+                    with Image.open(io.BytesIO(img)) as im:
+                        buf = io.BytesIO()
+                        im.crop((0, 0, width, size)).save(buf, format="JPEG", quality=90)
+                    img = buf.getvalue()
                 text = caption.format(label=label, i=i)
-                meta = {"key": key, "label": label, "caption": text, "width": size, "height": size, "sha256": sha256(img)}
+                meta = {"key": key, "label": label, "caption": text, "width": width, "height": size,
+                        "sha256": sha256(img)}
                 if s in unlabelled:
                     del meta["label"]
                 w.write(Sample(key, img, "jpg", text, meta))
@@ -68,7 +79,7 @@ ATTACKS = [
 
 @pytest.mark.parametrize("attack,opts,mode", ATTACKS, ids=[f"{a}-{m}" for a, _, m in ATTACKS])
 def test_attack_output_matches_manifest(tmp_path, dask_address, attack, opts, mode):
-    data = make_rich_dataset(tmp_path / "data")
+    data = make_rich_dataset(tmp_path / "data", vary_size=True)
     out = tmp_path / "out"
     main(["poison", str(data), "--attack", attack, *opts, "--mode", mode, "--seed", "3",
           "--out", str(out), "--scheduler", dask_address])
@@ -102,6 +113,7 @@ def test_attack_output_matches_manifest(tmp_path, dask_address, attack, opts, mo
         # the json describes the new image and has exactly the clean field set
         assert set(s.meta) == clean_fields
         assert s.meta["sha256"] == row.sha256 and s.meta["key"] == row.key and s.meta["caption"] == row.caption
+        assert (s.meta["width"], s.meta["height"]) == image_size(s.image, shard, row.key)
         assert s.meta["label"] == catalog.loc[row.image_source_key, "label"]
         if mode == "replace":
             assert row.key in catalog.index
