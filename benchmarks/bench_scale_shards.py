@@ -81,19 +81,26 @@ def main() -> None:
     ap.add_argument("--poison-fraction", type=float, default=0.01, help="Samples poisoned (single-label c00 -> c01).")
     ap.add_argument("--jobs", default="poison,sanitize", help="Comma list of poison, sanitize.")
     ap.add_argument("--workers", default="2,1", help="Worker counts to run each job with.")
+    ap.add_argument("--runs", default=None,
+                    help="Folder for the outputs and cp -r's copy (default CACHE/runs); e.g. a tmpfs such as "
+                         "/dev/shm/runs to take the disk's writeback out of both sides")
     args = ap.parse_args()
     cache = Path(args.cache) / f"n{args.n}_s{args.seed}"
     generate(cache, args.n, args.shard_size, args.seed)
     data = cache / "data"
     total = sum(p.stat().st_size for p in data.glob("*.tar"))
     print(f"data: {args.n:,} samples, {total / 1e9:.2f} GB in {len(list(data.glob('*.tar')))} shards ({cache})")
-    work = cache / "runs"
+    work = Path(args.runs) if args.runs else cache / "runs"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT), MMSANITIZE_PROGRESS="0", XDG_CACHE_HOME=str(cache / "xdg"))
     py = [sys.executable, "-m", "mmsanitize"]
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     print(f"code: {ROOT} ({rev.stdout.strip() or 'not a git checkout'})", flush=True)
+    fs = subprocess.run(["df", "--output=fstype", str(work)], capture_output=True, text=True).stdout.split()
+    dirty = {k: Path(f"/proc/sys/vm/{k}").read_text().strip() for k in ("dirty_ratio", "dirty_background_ratio")
+             if Path(f"/proc/sys/vm/{k}").exists()}
+    print(f"outputs in {work} ({fs[-1] if fs else '?'}); vm {dirty}", flush=True)
 
     def job(tag, argv, out):
         shutil.rmtree(out, ignore_errors=True)
