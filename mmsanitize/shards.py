@@ -889,19 +889,28 @@ def _text_members(name: str) -> bool:
     return name.endswith((".txt", ".json"))
 
 
+def _sendfile_at(src: int, dst: int, count: int, start: int, at: int) -> int:
+    os.lseek(dst, at, os.SEEK_SET)  # sendfile writes at the output's file position
+    return os.sendfile(dst, src, start, count)
+
+
 def copy_range(src: BinaryIO, dst: BinaryIO, start: int, end: int) -> None:
-    """Copy bytes [start, end) of `src` to the current position of `dst` (in-kernel where possible)."""
+    """Copy bytes [start, end) of `src` to the current position of `dst`, in the kernel where
+    possible: copy_file_range within a filesystem, sendfile across two (copy_file_range refuses
+    e.g. ext4 to tmpfs), else through user space."""
     dst.flush()
     at = dst.tell()
     remaining = end - start
-    try:
-        while remaining > 0:
-            n = os.copy_file_range(src.fileno(), dst.fileno(), remaining, start, at)
-            if n == 0:
-                break
-            start, at, remaining = start + n, at + n, remaining - n
-    except OSError:  # not supported between these files: copy through user space below
-        pass
+    for kernel_copy in (os.copy_file_range, _sendfile_at):
+        try:
+            while remaining > 0:
+                n = kernel_copy(src.fileno(), dst.fileno(), remaining, start, at)
+                if n == 0:
+                    break
+                start, at, remaining = start + n, at + n, remaining - n
+        except OSError:  # not supported between these files: the next way
+            continue
+        break
     dst.seek(at)
     src.seek(start)
     while remaining > 0:

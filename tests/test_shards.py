@@ -512,3 +512,34 @@ def test_tar_header_from_its_template_equals_tarfiles_header():
               for _ in range(500)]
     for name, size in cases:
         assert shards.tar_header(name, size) == shards._tarfile_header(name, size), (name, size)
+
+
+@pytest.mark.parametrize("refuse", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_copy_range_copies_the_range_whichever_way_the_kernel_allows(tmp_path, monkeypatch, refuse):
+    """copy_file_range, else sendfile (another filesystem: ext4 -> tmpfs), else user space: the same
+    bytes at the writer's position, and the writer's position after them."""
+    import errno
+    import os
+
+    from mmsanitize import shards
+
+    calls = {"copy_file_range": 0, "sendfile": 0}
+    for name in calls:
+        real = getattr(os, name)
+
+        def spy(*args, _name=name, _real=real):
+            calls[_name] += 1
+            if _name in refuse:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, spy)
+    data = os.urandom(3 << 20)
+    (tmp_path / "src").write_bytes(data)
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "dst", "wb") as dst:
+        dst.write(b"head")
+        shards.copy_range(src, dst, 1000, 1000 + (2 << 20) + 7)
+        dst.write(b"tail")
+    assert (tmp_path / "dst").read_bytes() == b"head" + data[1000:1000 + (2 << 20) + 7] + b"tail"
+    assert calls["copy_file_range"] >= 1
+    assert (calls["sendfile"] >= 1) == ("copy_file_range" in refuse)
