@@ -97,7 +97,7 @@ def main() -> None:
     py = [sys.executable, "-m", "mmsanitize"]
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
     print(f"code: {ROOT} ({rev.stdout.strip() or 'not a git checkout'})", flush=True)
-    fs = subprocess.run(["df", "--output=fstype", str(work)], capture_output=True, text=True).stdout.split()
+    fs = subprocess.run(["df", "--output=fstype", str(work)], capture_output=True, text=True, check=False).stdout.split()
     dirty = {k: Path(f"/proc/sys/vm/{k}").read_text().strip() for k in ("dirty_ratio", "dirty_background_ratio")
              if Path(f"/proc/sys/vm/{k}").exists()}
     print(f"outputs in {work} ({fs[-1] if fs else '?'}); vm {dirty}", flush=True)
