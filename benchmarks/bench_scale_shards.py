@@ -140,10 +140,11 @@ def main() -> None:
         print(f"| {r['tag']} | {r['seconds']:.1f} | {args.n / r['seconds']:,.0f} | {r['cp']:.1f} | "
               f"{r['cp'] / r['seconds']:.2f}x | {r['client_rss'] / 2**30:.2f} | {r['worker_rss'] / 2**30:.2f} | "
               f"{r['load']:.1f} |")
-    by = {r["tag"]: r["seconds"] for r in rows}
-    for name in args.jobs.split(","):
-        if f"{name} 1w" in by and f"{name} 2w" in by:
-            print(f"{name}: 2 workers vs 1: {by[f'{name} 1w'] / by[f'{name} 2w']:.2f}x")
+    for name in args.jobs.split(","):  # the i-th 2-worker run against the i-th 1-worker run
+        one = [r["seconds"] for r in rows if r["tag"] == f"{name} 1w"]
+        two = [r["seconds"] for r in rows if r["tag"] == f"{name} 2w"]
+        if one and two:
+            print(f"{name}: 2 workers vs 1: " + ", ".join(f"{a / b:.2f}x" for a, b in zip(one, two)))
     print(json.dumps({"rows": [{k: v for k, v in r.items() if k != "stdout"} for r in rows]}))
 
 
