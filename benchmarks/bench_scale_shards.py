@@ -85,6 +85,7 @@ def main() -> None:
                     help="Folder for the outputs and cp -r's copy (default CACHE/runs); e.g. a tmpfs such as "
                          "/dev/shm/runs to take the disk's writeback out of both sides")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))  # the generator writes shards with this checkout's code, installed or not
     cache = Path(args.cache) / f"n{args.n}_s{args.seed}"
     generate(cache, args.n, args.shard_size, args.seed)
     data = cache / "data"
