@@ -59,11 +59,28 @@ def template_ref(edit) -> tuple[str, str, str]:
 # --------------------------------------------------------------------------- per-shard work
 
 
+def _range_members(blob: bytes, key: str, shard: str) -> list:
+    """The members of sample `key` in its byte range `blob`, read with the general tar reader;
+    [] when the range holds anything else."""
+    from .shards import BLOCK, iter_tar, split_name
+
+    members = []
+    try:
+        for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
+            name, ext = split_name(member.name, shard)
+            if name != key:
+                return []
+            members.append((member, ext, data))
+    except ShardError:  # not a sample's members at all: reported with its key by the caller
+        return []
+    return members
+
+
 def read_ranges(path: str, keys, ranges) -> dict:
     """Samples `keys` of shard `path` as parsed Samples, each read from its catalogued byte range
     (offset, end) with one positioned read. Raises ShardError when a range does not hold exactly
     that sample (the shard changed since it was catalogued)."""
-    from .shards import BLOCK, RawSample, iter_tar, parse_sample, split_name
+    from .shards import RawSample, parse_sample, plain_sample_members
 
     shard = Path(path).name
     out = {}
@@ -74,17 +91,9 @@ def read_ranges(path: str, keys, ranges) -> dict:
     try:
         for key, (start, end) in zip(keys, ranges):
             blob = os.pread(fd, end - start, start)
-            members = []
-            if len(blob) == end - start:
-                try:
-                    for member, data in iter_tar(io.BytesIO(blob + bytes(2 * BLOCK)), shard):
-                        name, ext = split_name(member.name, shard)
-                        if name != key:
-                            members = []
-                            break
-                        members.append((member, ext, data))
-                except ShardError:  # not a sample's members at all: reported with its key below
-                    members = []
+            members = None
+            if len(blob) == end - start:  # the usual tar headers parsed directly, else the general reader
+                members = plain_sample_members(blob, key) or _range_members(blob, key, shard)
             if not members:
                 raise ShardError(shard, "sample named by the poison plan is not where the catalog says (input changed?)",
                                  key=key)

@@ -472,6 +472,44 @@ def iter_raw_samples(path: str | os.PathLike, with_data=True) -> Iterator[RawSam
         raise ShardError(shard, "shard contains no samples")
 
 
+_PLAIN_NAME = re.compile(rb"([\x20-\x2d\x30-\x7e]+)\.([\x20-\x2d\x30-\x40\x5b-\x7e]+)")
+_PLAIN_SIZE = re.compile(rb"[0-7]{11}\x00")
+_PLAIN_CHECKSUM = re.compile(rb"[0-7]{6}\x00 ")
+
+
+def plain_sample_members(blob: bytes, key: str) -> list[tuple[Member, str, bytes]] | None:
+    """The members `(member, ext, data)` of one sample's byte range `blob` (offsets relative to it),
+    as `iter_tar` + `split_name` give them, when the range is exactly the sample's members and every
+    header is a plain one (regular file, 11-digit size, the usual checksum spelling, a flat
+    `KEY.EXT` name with a lower-case extension, no prefix) naming `key`; None otherwise, and the
+    caller reads the range with `iter_tar`, which gives the usual result or error."""
+    if any(blob.startswith(magic) for magic in _MAGIC):
+        return None
+    out = []
+    pos, n = 0, len(blob)
+    while pos < n:
+        header = blob[pos:pos + BLOCK]
+        if len(header) < BLOCK or header[156] not in (48, 0, 55) or header[345] != 0:
+            return None
+        size_field, checksum_field = header[124:136], header[148:156]
+        if not (_PLAIN_SIZE.fullmatch(size_field) and _PLAIN_CHECKSUM.fullmatch(checksum_field)):
+            return None
+        if int(checksum_field[:6], 8) != sum(header) - sum(checksum_field) + 256:
+            return None
+        name_end = header.find(b"\0", 0, 100)
+        m = _PLAIN_NAME.fullmatch(header, 0, name_end) if name_end > 0 else None
+        if m is None or m.group(1).decode("ascii") != key:
+            return None
+        size = int(size_field[:11], 8)
+        data_offset = pos + BLOCK
+        pos = data_offset + ((size + BLOCK - 1) & ~(BLOCK - 1))
+        if pos > n:
+            return None
+        out.append((Member(header[:name_end].decode("ascii"), data_offset - BLOCK, data_offset, size),
+                    m.group(2).decode("ascii"), blob[data_offset:data_offset + size]))
+    return out or None
+
+
 def parse_sample(raw: RawSample, shard: str) -> Sample:
     """Check a raw sample's members and decode caption and metadata (the image stays encoded).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 
 import pandas as pd
@@ -543,3 +544,43 @@ def test_copy_range_copies_the_range_whichever_way_the_kernel_allows(tmp_path, m
     assert (tmp_path / "dst").read_bytes() == b"head" + data[1000:1000 + (2 << 20) + 7] + b"tail"
     assert calls["copy_file_range"] >= 1
     assert (calls["sendfile"] >= 1) == ("copy_file_range" in refuse)
+
+
+def test_plain_sample_members_equal_the_tar_readers_or_give_way_to_it(tmp_path):
+    """A sample's catalogued byte range parsed directly (`plain_sample_members`, poison's reads)
+    gives the members the general tar reader gives, or None for anything it does not read (a
+    100-byte name, an upper-case extension, a bad checksum); `read_ranges` returns
+    `iter_samples`' samples either way and names the key when a range is damaged."""
+    from mmsanitize.poison import read_ranges
+    from mmsanitize.shards import parse_sample, plain_sample_members
+
+    slow = []
+    for path, _ in _rich_shards(tmp_path / "rich"):
+        raws = list(iter_raw_samples(path))
+        blob = path.read_bytes()
+        for raw in raws:
+            got = plain_sample_members(blob[raw.start:raw.end], raw.key)
+            want = [((m.name, m.start - raw.start, m.data_offset - raw.start, m.size), ext, data)
+                    for m, ext, data in raw.members]
+            if got is None:
+                slow.append(raw.key)
+            else:
+                assert [((m.name, m.start, m.data_offset, m.size), ext, data) for m, ext, data in got] == want
+            try:
+                want_sample = parse_sample(raw, path.name)
+            except ShardError as e:  # e.g. a json with a BOM: the same error either way
+                with pytest.raises(ShardError, match=re.escape(str(e))):
+                    read_ranges(str(path), [raw.key], [(raw.start, raw.end)])
+            else:
+                assert read_ranges(str(path), [raw.key], [(raw.start, raw.end)]) == {raw.key: want_sample}
+    assert slow == ["k" * 95, "g002"]  # a 100-byte member name (no NUL), an upper-case extension
+
+    path = tmp_path / "rich" / "00000.tar"
+    raw = list(iter_raw_samples(path))[3]
+    data = bytearray(path.read_bytes())
+    data[raw.start + 150] ^= 1  # a checksum digit of the sample's first header
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(bytes(data))
+    assert plain_sample_members(bytes(data[raw.start:raw.end]), raw.key) is None
+    with pytest.raises(ShardError, match=raw.key):
+        read_ranges(str(bad), [raw.key], [(raw.start, raw.end)])
