@@ -199,7 +199,10 @@ def _read_table(parts, columns=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(p, columns=columns) for p in parts]
+    tables = []
+    for p in parts:
+        with pq.ParquetFile(p) as f:  # not read_table: no dataset discovery per part (~1 ms each)
+            tables.append(f.read(columns=columns))
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in (columns or COLUMNS)})
     schema = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")

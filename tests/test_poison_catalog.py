@@ -27,7 +27,8 @@ def make_mixed_dataset(out):
 
 @pytest.fixture
 def spy_reads(monkeypatch):
-    """Record (file name, columns) of every parquet read in this (the client) process."""
+    """Record (file name, columns, filters) of every parquet read in this (the client) process,
+    by `pq.read_table` or `pq.ParquetFile(...).read`."""
     reads = []
     real = pq.read_table
 
@@ -35,11 +36,25 @@ def spy_reads(monkeypatch):
         reads.append((str(source), None if columns is None else list(columns), kw.get("filters")))
         return real(source, *args, columns=columns, **kw)
 
+    class ParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kw):
+            super().__init__(source, *args, **kw)
+            self.spied_source = str(source)
+
+        def read(self, columns=None, *args, **kw):
+            reads.append((self.spied_source, None if columns is None else list(columns), None))
+            return super().read(columns, *args, **kw)
+
     monkeypatch.setattr(pq, "read_table", read_table)
+    monkeypatch.setattr(pq, "ParquetFile", ParquetFile)
     return reads
 
 
 def test_catalog_hash_and_plans_equal_the_whole_table_ones(tmp_path, dask_address):
+    """Plans from the columns poison reads (captions left in Arrow memory, or not) equal the plans
+    from the whole table, for every attack."""
+    import pandas as pd
+
     from mmsanitize.attacks.plan import AttackSpec
     from mmsanitize.catalog import HASH_COLUMNS, content_hash
     from mmsanitize.poison import _goals, _hash, make_plan, plan_columns
