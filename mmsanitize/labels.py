@@ -158,13 +158,21 @@ def class_masks(catalog, classes, label_from: str = "field") -> dict:
 
     Raises UsageError for a class with no samples, listing the known classes with their counts.
     """
+    import numpy as np
+    import pandas as pd
+
     _check_label_from(label_from)
     col = _column(catalog, label_from)
     vocab = _vocabulary(label_from.split(":", 1)[1]) if label_from.startswith("keywords:") else None
     masks = {}
+    codes = names = None
     for cls in classes:
         if col is not None:
-            mask = (col.astype("string") == cls).fillna(False).to_numpy(dtype=bool)
+            if codes is None:  # each distinct label compared, not every row once per class
+                codes, uniques = pd.factorize(col)  # missing labels: code -1
+                names = pd.Series(uniques, dtype=object).astype("string")
+            lut = np.append((names == cls).fillna(False).to_numpy(dtype=bool), False)
+            mask = lut[codes]
         elif vocab is not None:
             mask = keyword_mask(catalog["caption"], vocab[cls]) if cls in vocab else None
         else:

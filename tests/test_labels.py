@@ -141,3 +141,18 @@ def test_info_reports_label_coverage(tiny_dataset, tmp_path, dask_address, capsy
     assert "0 of 36 samples carry a json label (0.0% coverage)" in out and "problem" not in out
     full = dataset_info(tiny_dataset, scheduler=dask_address)
     assert full["labels"] == {"labelled": 36, "unlabelled": 0, "coverage": 1.0, "hint": None}
+
+
+def test_class_masks_compare_labels_as_strings_with_missing_ones_false():
+    """A label column of mixed Python types and missing values: each class's mask is the rows
+    whose label, written as a string, is the class name (what comparing the whole column as
+    pandas strings gives), missing labels never matching."""
+    values = np.array([1, "1", 2.0, None, float("nan"), "x", "dog", "dog"], dtype=object)
+    catalog = pd.DataFrame({"label": values[np.random.default_rng(0).integers(0, len(values), 200)]})
+    catalog["tag"] = catalog["label"]
+    for label_from in ("field", "column:tag"):
+        masks = class_masks(catalog, ["1", "2.0", "x", "dog"], label_from)
+        for cls, mask in masks.items():
+            want = (catalog["label"].astype("string") == cls).fillna(False).to_numpy(dtype=bool)
+            assert mask.dtype == bool and (mask == want).all() and want.any(), (label_from, cls)
+    assert class_masks(catalog, ["1"])["1"].sum() == sum(str(v) == "1" for v in catalog["label"] if v is not None)
