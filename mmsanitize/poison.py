@@ -525,8 +525,11 @@ def poison_dataset(
                       trigger_size=int(trigger_size), trigger_position=trigger_position,
                       trigger_pattern=trigger_pattern, opacity=float(opacity), caption_only=caption_only)
     parts = catalog_parts(paths, scheduler=scheduler, workers=workers, retries=retries)
+    # the plan reads the captions of the poisoned rows only, unless the labels come from captions
+    captions_label = label_from.startswith("keywords") or label_from == "column:caption"
     catalog = read_catalog(parts, plan_columns(attack, label_from, need_sha256=bool(
-        images_from is not None or perturb is not None or is_zeroshot(label_from))))
+        images_from is not None or perturb is not None or is_zeroshot(label_from))),
+        arrow_strings=() if captions_label else ("caption",))
     labelling = None
     if is_zeroshot(label_from):
         from .labels import attach_zeroshot, label_summary

@@ -81,6 +81,11 @@ def test_catalog_hash_and_plans_equal_the_whole_table_ones(tmp_path, dask_addres
         small = make_plan(catalog_mod.read_catalog(parts, columns), spec)
         whole = make_plan(full, spec)
         assert small.edits == whole.edits and small.rows == whole.rows and small.edits, attack
+        arrow = catalog_mod.read_catalog(parts, columns, arrow_strings=("caption",))  # what poison reads
+        assert isinstance(arrow["caption"].dtype, pd.ArrowDtype) and arrow["caption"].tolist() == full["caption"].tolist()
+        lazy = make_plan(arrow, spec)
+        assert lazy.edits == whole.edits and lazy.rows == whole.rows, attack
+        assert all(type(e.caption) is str for e in lazy.edits)
 
 
 @pytest.mark.parametrize("attack,opts", [("single-label", ["--goal", "dog2boat", "--count", "5"]),
